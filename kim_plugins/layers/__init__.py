@@ -1,0 +1,1 @@
+"""The papers' math as plain ``torch.nn`` modules (no timm or mmseg needed)."""

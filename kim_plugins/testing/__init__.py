@@ -1,0 +1,1 @@
+"""Test helpers that users can also call: dataset fixtures and tiny config overrides."""

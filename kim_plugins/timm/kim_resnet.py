@@ -1,0 +1,1 @@
+"""Stochastic-average-pooling (SAP) ResNets for timm."""

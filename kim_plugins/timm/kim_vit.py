@@ -1,0 +1,1 @@
+"""Gaussian-attention-bias (GAB) and PreLayerNorm (PLN) vision transformers for timm."""
