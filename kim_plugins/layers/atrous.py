@@ -1,0 +1,207 @@
+"""Resolution-aware atrous rates for ASPP.
+
+Paper: Bum Jun Kim, Hyeyeon Choi, Hyeonah Jang, Sang Woo Kim, "Resolution-Aware
+Design of Atrous Rates for Semantic Segmentation Networks", arXiv 2307.14179.
+
+[paper] ASPP's fixed rates (mmseg configs use ``(1, 12, 24, 36)``, the head's
+default is ``(1, 6, 12, 18)``) fix its field of view; the effective receptive
+field (ERF) of ASPP is a lattice (the centre plus satellites at +-r*OS input
+pixels), and the optimal rate has to be set from the input image size.
+
+[decision] The closed form was not available to us. The rule implemented here:
+with the feature size ``F = ceil(min(H, W) / OS)`` of the crop that the head
+sees, ``r_max = max(1, floor(kappa * F))`` (``kappa = 0.5``: the outermost taps
+of the centre pixel reach the image border), and the ladder keeps the shape of
+the reference ladder ``(1, 12, 24, 36)`` scaled to ``r_max``: ``r_0 = 1`` and
+``r_i = round(r_max * i / (n - 1))`` for ``i = 1 .. n-1`` (rounding half up).
+The ladder must be strictly increasing; a feature map too small for
+``num_rates`` distinct rates is an error.
+
+``output_stride`` is the stride of the feature map the ASPP head actually
+sees: 8 for the ResNet-D8 DeepLabV3 configs, but 1 for mmseg's UNet-S5-D16 +
+ASPP configs (the head reads the full-resolution decoder output). Use
+:func:`measure_output_stride` (a dummy forward) when in doubt; the mmseg
+adapter does that for ``output_stride='infer'``.
+
+This module needs only torch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "REFERENCE_RATES",
+    "resolution_aware_rates",
+    "resolve_dilations",
+    "measure_output_stride",
+    "normalize_crop_size",
+]
+
+#: The rates mmseg's DeepLabV3 / DeepLabV3+ configs use (the paper's baseline).
+REFERENCE_RATES: Tuple[int, ...] = (1, 12, 24, 36)
+
+CropSize = Union[int, Sequence[int]]
+
+
+def normalize_crop_size(crop_size: CropSize) -> Tuple[int, int]:
+    """Return ``crop_size`` as an ``(H, W)`` tuple of positive ints.
+
+    Args:
+        crop_size: An int (square crop) or an ``(H, W)`` pair, as in mmseg's
+            ``crop_size = (512, 1024)``.
+
+    Raises:
+        ValueError: not an int or a pair of ints, or not positive.
+    """
+    if isinstance(crop_size, bool):
+        raise ValueError(f"crop_size must be an int or an (H, W) pair of ints, got {crop_size!r}")
+    if isinstance(crop_size, numbers.Integral):
+        hw = (int(crop_size), int(crop_size))
+    elif (isinstance(crop_size, Sequence) and not isinstance(crop_size, str) and len(crop_size) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in crop_size)):
+        hw = (int(crop_size[0]), int(crop_size[1]))
+    else:
+        raise ValueError(f"crop_size must be an int or an (H, W) pair of ints, got {crop_size!r}")
+    if min(hw) <= 0:
+        raise ValueError(f"crop_size must be positive, got {crop_size!r}")
+    return hw
+
+
+def _check_output_stride(output_stride: object) -> int:
+    if isinstance(output_stride, bool) or not isinstance(output_stride, numbers.Integral):
+        hint = (" 'infer' is resolved by the segmentor, not by this function: use "
+                "type='RAEncoderDecoder' or kim_plugins.mmseg.ra_aspp_heads.resolve_auto_dilations(cfg)"
+                if output_stride == "infer" else "")
+        raise ValueError(f"output_stride must be a positive int, got {output_stride!r}.{hint}")
+    if output_stride <= 0:
+        raise ValueError(f"output_stride must be positive, got {output_stride!r}")
+    return int(output_stride)
+
+
+def resolution_aware_rates(crop_size: CropSize, output_stride: int, num_rates: int = 4,
+                           kappa: float = 0.5) -> Tuple[int, ...]:
+    """Atrous rates for an ASPP head from the training crop and the feature stride.
+
+    ``F = ceil(min(H, W) / output_stride)``, ``r_max = max(1, floor(kappa * F))``,
+    ``r_0 = 1``, ``r_i = round(r_max * i / (num_rates - 1))`` (half up). This is
+    the project's reading of arXiv 2307.14179 ([decision], see the module
+    docstring). Scaling ``crop_size`` and ``output_stride`` by the same integer
+    leaves the rates unchanged.
+
+    Examples:
+        >>> resolution_aware_rates((512, 1024), 8)    # Cityscapes, R-101-D8
+        (1, 11, 21, 32)
+        >>> resolution_aware_rates(128, 1)            # STARE, UNet-S5-D16 + ASPP
+        (1, 21, 43, 64)
+
+    Args:
+        crop_size: Training crop, an int or ``(H, W)``.
+        output_stride: Stride of the feature map the ASPP head sees, relative
+            to the crop (8 for ResNet-D8, 1 for mmseg's UNet + ASPP).
+        num_rates: Number of ASPP branches (length of the ladder), >= 2.
+        kappa: Fraction of the feature size reached by the largest rate, > 0.
+
+    Returns:
+        A strictly increasing tuple of ``num_rates`` ints starting at 1.
+
+    Raises:
+        ValueError: non-positive sizes, ``num_rates < 2``, ``kappa <= 0``, or a
+            feature map too small for ``num_rates`` distinct rates (the message
+            names the crop size and output stride).
+    """
+    hw = normalize_crop_size(crop_size)
+    stride = _check_output_stride(output_stride)
+    if isinstance(num_rates, bool) or not isinstance(num_rates, numbers.Integral) or num_rates < 2:
+        raise ValueError(f"num_rates must be an int >= 2 (the ladder starts at 1 and ends at r_max), "
+                         f"got {num_rates!r}")
+    if not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) or kappa <= 0:
+        raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}")
+    feat = math.ceil(min(hw) / stride)
+    r_max = max(1, math.floor(kappa * feat))
+    n = int(num_rates)
+    rates = (1,) + tuple(int(math.floor(r_max * i / (n - 1) + 0.5)) for i in range(1, n))
+    if any(b <= a for a, b in zip(rates, rates[1:])):
+        raise ValueError(
+            f"crop_size={crop_size!r} with output_stride={stride} gives a {feat}-pixel feature map and "
+            f"r_max={r_max}: too small for {n} distinct atrous rates (ladder {rates}). Use a larger crop, "
+            f"a smaller output_stride, fewer rates (num_rates) or explicit dilations.")
+    return rates
+
+
+def resolve_dilations(dilations: Union[str, Sequence[int]], crop_size: Optional[CropSize] = None,
+                      output_stride: Optional[int] = None, num_rates: int = 4,
+                      kappa: float = 0.5) -> Tuple[int, ...]:
+    """Resolve an ASPP ``dilations`` argument that may be ``'auto'``.
+
+    Explicit dilations are returned unchanged (as a tuple); ``'auto'`` is
+    replaced by :func:`resolution_aware_rates`. This is the single resolver
+    every resolution-aware head uses.
+
+    Args:
+        dilations: ``'auto'`` or a sequence of positive ints.
+        crop_size: Training crop (required for ``'auto'``).
+        output_stride: Stride of the feature map the head sees (required for
+            ``'auto'``, an int; ``'infer'`` must have been resolved before).
+        num_rates: Ladder length for ``'auto'``.
+        kappa: See :func:`resolution_aware_rates`.
+
+    Returns:
+        The dilations as a tuple of ints.
+
+    Raises:
+        ValueError: unknown string, missing ``crop_size``/``output_stride`` for
+            ``'auto'``, or non-positive / non-integer explicit rates.
+    """
+    if isinstance(dilations, str):
+        if dilations != "auto":
+            raise ValueError(f"dilations must be 'auto' or a tuple of ints, got {dilations!r}")
+        missing = [n for n, v in (("crop_size", crop_size), ("output_stride", output_stride)) if v is None]
+        if missing:
+            raise ValueError(f"dilations='auto' needs {' and '.join(missing)}: pass crop_size=<training crop "
+                             f"(H, W)> and output_stride=<stride of the feature map the head sees, e.g. 8 "
+                             f"for ResNet-D8, 1 for UNet-S5-D16>")
+        return resolution_aware_rates(crop_size, output_stride, num_rates=num_rates, kappa=kappa)
+    if isinstance(dilations, torch.Tensor) or not isinstance(dilations, Sequence):
+        raise ValueError(f"dilations must be 'auto' or a tuple of ints, got {dilations!r}")
+    if not dilations or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0
+                                for d in dilations):
+        raise ValueError(f"dilations must be 'auto' or a non-empty tuple of positive ints, got {dilations!r}")
+    return tuple(int(d) for d in dilations)
+
+
+def measure_output_stride(feature_fn: Callable[[torch.Tensor], torch.Tensor], crop_size: CropSize,
+                          in_channels: int = 3, device: Optional[torch.device] = None) -> int:
+    """Measure the stride of a feature map with one dummy forward at the crop size.
+
+    Args:
+        feature_fn: Maps an image batch ``(1, C, H, W)`` to the feature map the
+            head sees, ``(1, C', h, w)``.
+        crop_size: Training crop, an int or ``(H, W)``.
+        in_channels: Channels of the dummy image.
+        device: Device of the dummy image (default: CPU).
+
+    Returns:
+        ``round(H / h)``, which must equal ``round(W / w)``.
+
+    Raises:
+        ValueError: the feature map is not 4-D, is larger than the input, or
+            the two axes disagree.
+    """
+    h_in, w_in = normalize_crop_size(crop_size)
+    with torch.no_grad():
+        feat = feature_fn(torch.zeros(1, in_channels, h_in, w_in, device=device))
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
+        raise ValueError(f"feature_fn must return a (N, C, h, w) tensor, got "
+                         f"{getattr(feat, 'shape', type(feat).__name__)}")
+    h, w = feat.shape[-2:]
+    sy, sx = h_in / h, w_in / w
+    if sy < 0.75 or sx < 0.75:
+        raise ValueError(f"feature map {tuple(feat.shape[-2:])} is larger than the crop {(h_in, w_in)}")
+    if round(sy) != round(sx):
+        raise ValueError(f"feature map {tuple(feat.shape[-2:])} of crop {(h_in, w_in)} has different strides "
+                         f"along H ({sy:.2f}) and W ({sx:.2f})")
+    return int(round(sy))
