@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Effective receptive field of a timm model or an mmseg config: heatmap + numbers.
+
+The ERF (METHODS.md §6; Luo et al. arXiv 1701.04128 as used in arXiv 2307.14179
+and 2305.04722) is the gradient of the centre output unit (centre of the last
+feature map for a classifier, centre pixel of the logits for a segmentor) with
+respect to the input, RGB-averaged, clipped at 0, accumulated over images and
+normalised; computed batched in eval mode (:mod:`kim_plugins.layers.erf`).
+
+Examples::
+
+    python tools/erf.py resnet50 --size 224 --num-images 8 --out-dir work_dirs/erf
+    python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py \\
+        --num-images 4 --out-dir work_dirs/erf
+    python tools/erf.py my_config.py --checkpoint iter_40000.pth --images data/STARE/images/validation
+
+Without ``--images`` the images are a synthetic dataset fixture (smooth random
+colour fields, :mod:`kim_plugins.testing.dataset_fixtures`). Nothing is
+downloaded: timm models use ``pretrained=False``, mmseg configs drop their
+pretrained weights; without ``--checkpoint`` the weights are an untrained
+initialisation, and the outputs say so.
+
+Writes ``<out-dir>/<name>_erf.png`` (heatmap, linear and log scale, with the
+50 % / 90 % mass squares) and ``<out-dir>/<name>_erf.json`` (numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+try:  # run from a source checkout without installing
+    import kim_plugins  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- models
+def is_config(model: str) -> bool:
+    """True when ``model`` names an mmseg config file rather than a timm model."""
+    return model.endswith(".py") or os.path.isfile(model)
+
+
+def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: Optional[Dict] = None,
+                   device: str = "cpu") -> Tuple[torch.nn.Module, Any]:
+    """Build an mmseg segmentor offline: no pretrained download, SyncBN -> BN.
+
+    Without ``checkpoint`` the model gets mmseg's own ``init_weights`` (an
+    untrained initialisation). Returns ``(model, cfg)``.
+    """
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    import kim_plugins.mmseg  # noqa: F401  registrations
+    from kim_plugins.testing.tiny import _offline_weights, sync_bn_to_bn
+
+    cfg = Config.fromfile(config) if isinstance(config, str) else config
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    sync_bn_to_bn(cfg.model)
+    _offline_weights(cfg.model)
+    cfg.model.train_cfg = None
+    init_default_scope(cfg.get("default_scope", "mmseg"))
+    from mmseg.registry import MODELS
+    model = MODELS.build(cfg.model)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, map_location="cpu")
+    else:
+        model.init_weights()
+    model = revert_sync_batchnorm(model).to(device).eval()
+    return model, cfg
+
+
+def config_crop_size(cfg: Any) -> Optional[Tuple[int, int]]:
+    """The training crop of an mmseg config (data preprocessor ``size``, then ``crop_size``)."""
+    pre = cfg.model.get("data_preprocessor") or {}
+    size = pre.get("size") or cfg.get("crop_size")
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def segmentor_norm(cfg: Any) -> Tuple[List[float], List[float], float]:
+    """(mean, std, scale): images in [0, scale] RGB are normalised as ``(x - mean) / std``."""
+    pre = cfg.model.get("data_preprocessor") or {}
+    mean = pre.get("mean") or [0.0, 0.0, 0.0]
+    std = pre.get("std") or [1.0, 1.0, 1.0]
+    return list(mean), list(std), 255.0
+
+
+def load_timm(name: str, checkpoint: Optional[str] = None, device: str = "cpu") -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False)`` (import kim_plugins first: its models too)."""
+    import timm
+
+    import kim_plugins  # noqa: F401  timm registrations
+    kwargs = dict(checkpoint_path=checkpoint) if checkpoint else {}
+    return timm.create_model(name, pretrained=False, **kwargs).to(device).eval()
+
+
+def dataset_fixture_name(cfg: Any) -> str:
+    """The dataset fixture matching a config's ``train_dataloader.dataset.type`` (default ade20k)."""
+    from kim_plugins.testing.dataset_fixtures import FIXTURES
+
+    ds = (cfg.get("train_dataloader") or {}).get("dataset") or {}
+    while isinstance(ds, dict) and "dataset" in ds:
+        ds = ds["dataset"]
+    dtype = ds.get("type") if isinstance(ds, dict) else None
+    for name, spec in FIXTURES.items():
+        if spec.mmseg_class == dtype:
+            return name
+    return "ade20k"
+
+
+# ----------------------------------------------------------------------------- images
+def image_files(folder: str) -> List[str]:
+    """Image files of a folder (recursive), sorted."""
+    out = []
+    for root, _, files in os.walk(folder):
+        out.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTS))
+    if not out:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder!r}")
+    return sorted(out)
+
+
+def load_images(files: Sequence[str], size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                scale: float) -> torch.Tensor:
+    """Read RGB images, resize to ``size`` (H, W), normalise to ``((x/255*scale) - mean) / std``."""
+    from PIL import Image
+
+    h, w = size
+    arrs = []
+    for f in files:
+        with Image.open(f) as im:
+            arrs.append(np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32))
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) * (scale / 255.0)
+    m = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
+    return (x - m) / s
+
+
+def fixture_files(name: str, num_images: int, size: Tuple[int, int], root: str) -> List[str]:
+    """Write a synthetic dataset fixture of ``num_images`` training images and list them."""
+    from kim_plugins.testing.dataset_fixtures import FIXTURES, make_dataset_fixture
+
+    data_root = make_dataset_fixture(name, root, num_train=num_images, num_val=1, size=size)
+    spec = FIXTURES[name]
+    folder = os.path.join(data_root, spec.img_dir.format(split=spec.splits[0]))
+    files = [f for f in image_files(folder) if f.endswith(spec.img_suffix)]
+    return files[:num_images]
+
+
+def parse_size(values: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
+    if not values:
+        return None
+    if len(values) > 2 or min(values) <= 0:
+        raise SystemExit(f"--size takes one or two positive ints (H [W]), got {values}")
+    return (values[0], values[-1])
+
+
+def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
+    """Model, images and metadata for the command-line arguments."""
+    size = parse_size(args.size)
+    if is_config(args.model):
+        model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
+        size = size or config_crop_size(cfg)
+        if size is None:
+            raise SystemExit(f"{args.model}: no crop_size in the config; pass --size H W")
+        mean, std, scale = segmentor_norm(cfg)
+        fixture = args.fixture or dataset_fixture_name(cfg)
+        kind = "mmseg segmentor (centre pixel of the logits)"
+    else:
+        model = load_timm(args.model, args.checkpoint, args.device)
+        pcfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = size or tuple(pcfg.get("input_size", (3, 224, 224))[1:])
+        mean, std, scale = list(pcfg.get("mean", (0.485, 0.456, 0.406))), \
+            list(pcfg.get("std", (0.229, 0.224, 0.225))), 1.0
+        fixture = args.fixture or "ade20k"
+        kind = "timm classifier (centre of the last feature map)"
+    if args.images:
+        files = image_files(args.images)[:args.num_images]
+        source = f"folder {args.images}"
+    else:
+        files = fixture_files(fixture, args.num_images, size, tmp)
+        source = f"synthetic dataset fixture '{fixture}' (smooth random colour fields)"
+    images = load_images(files, size, mean, std, scale).to(args.device)
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "untrained (random initialisation)"
+    return dict(model=model, images=images, size=size, source=source, weights=weights, kind=kind)
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_erf(erf: np.ndarray, numbers: Dict[str, Any], title: str, path: str) -> None:
+    """Heatmap of a normalised ERF, linear and log10, with the 50 % / 90 % mass squares."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from kim_plugins.layers.erf import _centroid
+
+    rel = erf / erf.max()
+    cy, cx = _centroid(torch.from_numpy(erf))
+    cy, cx = int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    panels = [(rel, "ERF / max", dict(vmin=0, vmax=1)),
+              (np.log10(rel + 1e-4), "log10(ERF / max)", dict(vmin=-4, vmax=0))]
+    for ax, (img, label, lim) in zip(axes, panels):
+        im = ax.imshow(img, cmap="inferno", interpolation="nearest", **lim)
+        for key, color in (("side_50", "cyan"), ("side_90", "lime")):
+            s = numbers[key]
+            ax.add_patch(Rectangle((cx - s / 2, cy - s / 2), s, s, fill=False, ec=color, lw=1,
+                                   label=f"{key[-2:]} % mass: {s} px"))
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax, shrink=0.85)
+    axes[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"{title}\nsigma_y={numbers['sigma_y']:.1f} px, sigma_x={numbers['sigma_x']:.1f} px, "
+                 f"R^2={numbers['r2']:.3f}, {numbers['num_images']} images", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("model", help="timm model name (e.g. resnet50) or an mmseg config file (.py)")
+    p.add_argument("--checkpoint", help="weights: timm checkpoint_path or mmseg checkpoint (.pth)")
+    p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
+    p.add_argument("--fixture", help="dataset fixture to use without --images (default: from the config)")
+    p.add_argument("--num-images", type=int, default=8, help="images to accumulate (default 8)")
+    p.add_argument("--size", type=int, nargs="+", help="input H [W] (default: timm input_size / config crop)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per backward (default 4)")
+    p.add_argument("--position", type=float, nargs=2, default=(0.5, 0.5), metavar=("FY", "FX"),
+                   help="fractional position of the output unit (default: centre 0.5 0.5)")
+    p.add_argument("--out-dir", default="work_dirs/erf", help="output folder (default work_dirs/erf)")
+    p.add_argument("--name", help="output file stem (default: from the model)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--cfg-options", nargs="+", action=_DictAction, default=None,
+                   help="override mmseg config settings, key=value (as in mmseg's tools)")
+    return p
+
+
+class _DictAction(argparse.Action):
+    """``key=value`` pairs (mmengine's DictAction, imported lazily so timm-only use needs no mmengine)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    from kim_plugins.layers.erf import effective_receptive_field
+
+    if args.num_images < 1:
+        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = prepare(args, tmp)
+    res = effective_receptive_field(setup["model"], setup["images"], position=tuple(args.position),
+                                    batch_size=args.batch_size, progress=True)
+    name = args.name or os.path.splitext(os.path.basename(args.model))[0]
+    os.makedirs(args.out_dir, exist_ok=True)
+    numbers = res.numbers()
+    numbers.update(model=args.model, kind=setup["kind"], weights=setup["weights"], images=setup["source"],
+                   seconds=round(time.perf_counter() - t0, 2))
+    json_path = os.path.join(args.out_dir, f"{name}_erf.json")
+    png_path = os.path.join(args.out_dir, f"{name}_erf.png")
+    with open(json_path, "w") as f:
+        json.dump(numbers, f, indent=2)
+    plot_erf(res.erf.cpu().numpy(), numbers, f"ERF of {name} at {setup['size'][0]}x{setup['size'][1]} "
+             f"({setup['weights']})", png_path)
+    print(json.dumps({k: numbers[k] for k in ("sigma_y", "sigma_x", "r2", "side_50", "side_90", "seconds")}))
+    print(f"wrote {png_path} and {json_path}")
+    return dict(numbers=numbers, png=png_path, json=json_path)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
