@@ -1,0 +1,582 @@
+"""Scale equalizers: standardise upsampled features before multi-level fusion.
+
+Paper: Bum Jun Kim, Sang Woo Kim, "Scale Equalization for Multi-Level Feature
+Fusion", TMLR 2024, arXiv 2402.01149.
+
+Bilinear upsampling lowers a feature map's variance (for i.i.d. input and
+``align_corners=False``: x2 -> 0.39, x4 -> 0.43, limit 4/9, see
+:func:`bilinear_upsampling_variance_ratio`), so the branches a decoder
+concatenates or adds are on different scales. A scale equalizer placed after
+every bilinear upsampling whose output is fused computes [paper]::
+
+    SE(x) = (x - mu) / sqrt(var + eps)
+
+with *scalar* ``mu`` and ``var`` (one pair per equalizer, over all N*C*H*W
+elements, population variance) and no learnable affine.
+
+Statistics modes:
+
+- ``'dataset'`` (default) [paper wording, details are a decision]: ``mu`` and
+  ``var`` are the global mean / variance of the equalizer's input over
+  training data, measured once by :func:`calibrate_scale_equalizers` before
+  training and then frozen.
+- ``'batch'`` [decision, option]: BatchNorm-like, the statistics of the
+  current batch in training (gradients flow through them) and running
+  estimates (``momentum``) in eval.
+
+In eval an equalizer is a constant affine map; :func:`fold_scale_equalizers`
+folds it into the convolution that consumes it (:func:`fold_input_affine`),
+exactly, zero padding included, so the equalizers cost nothing at inference.
+
+Nothing here imports timm or mmseg.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "SE_MODES",
+    "ScaleEqualizer",
+    "calibrate_scale_equalizers",
+    "fold_scale_equalizers",
+    "fold_input_affine",
+    "BorderCorrectedConv2d",
+    "bilinear_upsampling_variance_ratio",
+    "merge_moments",
+]
+
+SE_MODES = ("dataset", "batch")
+
+_HOOK_HINT = ("add ScaleEqualizerCalibrationHook to the config's custom_hooks "
+              "(custom_hooks=[dict(type='ScaleEqualizerCalibrationHook', num_batches=50)]) or call "
+              "kim_plugins.layers.scale_equalizer.calibrate_scale_equalizers(model, batches) before training")
+
+
+def bilinear_upsampling_variance_ratio(factor: int) -> float:
+    """Variance ratio Var(up(x)) / Var(x) of 2-D bilinear upsampling of i.i.d. input.
+
+    ``align_corners=False``, integer ``factor``, interior pixels (away from the
+    clamped borders). Output pixel k along an axis samples the source at
+    ``(k + 0.5) / factor - 0.5``; with fractional part ``f`` its two weights are
+    ``(1 - f, f)``, so its variance is ``(1 - f)^2 + f^2`` times the input's.
+    The 2-D ratio is the square of the 1-D average: x2 -> 0.390625,
+    x4 -> 0.4306640625, x8 -> 0.44097900390625, limit 4/9.
+
+    Args:
+        factor: Integer upsampling factor >= 1.
+
+    Returns:
+        The analytic variance ratio.
+    """
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    one_d = 0.0
+    for k in range(factor):
+        f = ((k + 0.5) / factor - 0.5) % 1.0
+        one_d += (1.0 - f) ** 2 + f ** 2
+    return (one_d / factor) ** 2
+
+
+def merge_moments(a: Tuple[float, torch.Tensor, torch.Tensor],
+                  b: Tuple[float, torch.Tensor, torch.Tensor]) -> Tuple[float, torch.Tensor, torch.Tensor]:
+    """Merge (count, mean, M2) of two disjoint sample sets (Chan et al.'s parallel formula).
+
+    ``M2`` is the sum of squared deviations from the mean, so the population
+    variance of the union is ``M2 / count``.
+    """
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    if n_a == 0:
+        return b
+    if n_b == 0:
+        return a
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    return n, mean, m2
+
+
+class ScaleEqualizer(nn.Module):
+    """Scalar standardisation ``(x - mu) / sqrt(var + eps)`` of a fused branch.
+
+    From "Scale Equalization for Multi-Level Feature Fusion" (Kim & Kim, TMLR
+    2024, arXiv 2402.01149). One scalar mean and variance over all N*C*H*W
+    elements (population variance), no learnable affine.
+
+    Args:
+        mode: ``'dataset'`` (default): statistics measured by
+            :func:`calibrate_scale_equalizers`, then frozen. ``'batch'``
+            [decision, option]: batch statistics in training, running
+            estimates in eval.
+        eps: Added to the variance inside the square root (> 0).
+        momentum: Running-estimate update rate of ``'batch'`` mode, in (0, 1].
+        allow_uncalibrated: Let an uncalibrated ``'dataset'`` equalizer run in
+            eval with its initial statistics (mean 0, variance 1), e.g. for
+            FLOP counts. Training uncalibrated is always an error.
+
+    Buffers (in the state dict): ``mean``, ``var`` (float32 scalars; the
+    calibrated statistics in ``'dataset'`` mode, the running estimates in
+    ``'batch'`` mode) and ``calibrated`` (bool).
+    """
+
+    def __init__(self, mode: str = "dataset", eps: float = 1e-5, momentum: float = 0.1,
+                 allow_uncalibrated: bool = False) -> None:
+        super().__init__()
+        if mode not in SE_MODES:
+            raise ValueError(f"ScaleEqualizer mode={mode!r} is not one of {SE_MODES}: use 'dataset' "
+                             f"(calibrated, frozen statistics, the paper's default) or 'batch' (BatchNorm-like)")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"ScaleEqualizer eps={eps!r} must be a finite float > 0 (default 1e-5); it keeps "
+                             f"the output finite for a zero-variance input")
+        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"ScaleEqualizer momentum={momentum!r} must be in (0, 1] (default 0.1)")
+        self.mode = mode
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.allow_uncalibrated = bool(allow_uncalibrated)
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("var", torch.ones(()))
+        self.register_buffer("calibrated", torch.tensor(False))
+        # Calibration state, driven by calibrate_scale_equalizers (never saved).
+        self._calib: Optional[str] = None  # None | 'probe' | 'accumulate' | 'pass'
+        self._acc: Tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(()), torch.zeros(()))
+        self._probe_in: Optional[torch.Tensor] = None
+        self._probe_out: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, eps={self.eps}, momentum={self.momentum}"
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the statistics are usable (always true in ``'batch'`` mode)."""
+        return self.mode == "batch" or bool(self.calibrated)
+
+    def scale_shift(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The eval-time affine map ``x * scale + shift`` as float64 scalars."""
+        scale = torch.rsqrt(self.var.double() + self.eps)
+        return scale, -self.mean.double() * scale
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        xd = x.detach().double()
+        mean_b = xd.mean()
+        m2_b = (xd - mean_b).square().sum()
+        n, mean, m2 = self._acc
+        if n == 0:
+            self._acc = (x.numel(), mean_b, m2_b)
+        else:
+            self._acc = merge_moments((n, mean.to(mean_b.device), m2.to(mean_b.device)), (x.numel(), mean_b, m2_b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib is not None:
+            if self._calib == "probe":
+                self._probe_in = x
+                leaf = x.detach().requires_grad_(True)
+                self._probe_out = leaf
+                return leaf.clone()
+            if self._calib == "accumulate":
+                self._accumulate(x)
+            return x
+        if self.mode == "batch" and self.training:
+            var, mean = torch.var_mean(x, dim=None, correction=0)
+            with torch.no_grad():
+                self.mean.lerp_(mean.detach().to(self.mean.dtype), self.momentum)
+                self.var.lerp_(var.detach().to(self.var.dtype), self.momentum)
+            return (x - mean) * torch.rsqrt(var + self.eps)
+        if self.mode == "dataset" and not bool(self.calibrated):
+            if self.training:
+                raise RuntimeError(f"ScaleEqualizer(mode='dataset') is not calibrated and cannot train: {_HOOK_HINT}. "
+                                   f"(Or use se_mode='batch'.)")
+            if not self.allow_uncalibrated:
+                raise RuntimeError(f"ScaleEqualizer(mode='dataset') is not calibrated: load a checkpoint trained with "
+                                   f"it, {_HOOK_HINT}, or build it with allow_uncalibrated=True (benchmarks, FLOP "
+                                   f"counts) to run with mean 0 / variance 1")
+        scale = torch.rsqrt(self.var + self.eps)
+        shift = -self.mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------------
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+def _is_stochastic_regulariser(m: nn.Module) -> bool:
+    """Dropout-like modules switched off during calibration (dropout, drop path, drop block, SAP)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return True
+    name = type(m).__name__
+    return any(key in name for key in ("DropPath", "DropBlock", "Stochastic")) or bool(
+        getattr(m, "stochastic_in_training", False))
+
+
+@contextlib.contextmanager
+def _forked_rng(devices: Sequence[torch.device]) -> Iterator[None]:
+    """Restore the torch (CPU + CUDA), numpy and python RNG states on exit."""
+    cuda_ids = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                       for d in devices if d.type == "cuda"})
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=cuda_ids):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def _depends_on(t: Optional[torch.Tensor], leaves: Dict[int, int]) -> set:
+    """Indices of the probe leaves reachable from ``t``'s autograd graph."""
+    found: set = set()
+    if t is None or t.grad_fn is None:
+        return found
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in leaves:
+            found.add(leaves[id(var)])
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
+def _all_gather_merge(stats: List[Tuple[float, torch.Tensor, torch.Tensor]],
+                      device: torch.device) -> List[Tuple[float, torch.Tensor, torch.Tensor]]:
+    """Merge per-process (count, mean, M2) across ranks when torch.distributed is initialised."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not stats:
+        return stats
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    local = torch.tensor([[float(n), float(mean), float(m2)] for n, mean, m2 in stats],
+                         dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    merged = []
+    for i in range(len(stats)):
+        acc: Tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros((), dtype=torch.float64),
+                                                          torch.zeros((), dtype=torch.float64))
+        for g in gathered:
+            n, mean, m2 = g[i].cpu()
+            acc = merge_moments(acc, (int(n), mean, m2))
+        merged.append(acc)
+    return merged
+
+
+def calibrate_scale_equalizers(model: nn.Module, batches: Iterable[Any], *,
+                               forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+                               recalibrate: bool = True,
+                               is_stochastic: Callable[[nn.Module], bool] = _is_stochastic_regulariser,
+                               ) -> Dict[str, Tuple[float, float]]:
+    """Measure the dataset-wide mean / variance of every ``'dataset'``-mode equalizer.
+
+    The model runs as in training (``model.train()``: BatchNorm on batch
+    statistics, so the equalizers see the distribution training feeds them)
+    but without gradients, with dropout-like modules (``is_stochastic``) in
+    eval mode, and every buffer of the model (BatchNorm running statistics,
+    ``num_batches_tracked``, ``'batch'``-mode equalizer estimates) restored
+    afterwards. The torch (CPU and CUDA), numpy and python RNG states are
+    restored on exit, so a run with and one without equalizers draw the same
+    random numbers afterwards. Statistics are accumulated as (count, mean, M2)
+    in float64 and merged across processes with Chan's parallel formula when
+    ``torch.distributed`` is initialised (every rank must call this).
+
+    Equalizers whose input depends on another equalizer are calibrated after
+    it (one pass over ``batches`` per dependency level, found from the
+    autograd graph of one probe forward), so each sees exactly what it will
+    see in training: after calibration, in train mode and on the same
+    batches, every equalizer's output has mean 0 and variance v / (v + eps).
+
+    Args:
+        model: Any module containing :class:`ScaleEqualizer` modules.
+        batches: The calibration inputs (kept in memory: it is iterated once
+            per dependency level).
+        forward_fn: ``forward_fn(model, batch)`` runs one forward. Default:
+            ``model(**batch)`` for a dict, else ``model(batch)``.
+        recalibrate: Calibrate equalizers that are already calibrated too
+            (default). With False only the uncalibrated ones are measured.
+        is_stochastic: Which modules to switch to eval mode (default:
+            dropout, drop path, drop block, stochastic pooling).
+
+    Returns:
+        ``{equalizer name: (mean, variance)}`` of the equalizers calibrated.
+
+    Raises:
+        ValueError: ``batches`` is empty.
+        RuntimeError: an equalizer to calibrate was not reached by the forward.
+    """
+    forward_fn = forward_fn or _default_forward
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate_scale_equalizers needs at least one batch (got none): pass a non-empty "
+                         "iterable, e.g. num_batches >= 1 for the calibration hook")
+    names = {m: n for n, m in model.named_modules()}
+    targets = [m for m in model.modules() if isinstance(m, ScaleEqualizer) and m.mode == "dataset"
+               and (recalibrate or not bool(m.calibrated))]
+    if not targets:
+        return {}
+    devices = list({b.device for b in model.buffers()} | {p.device for p in model.parameters()})
+    device = targets[0].mean.device
+    modes = [(m, m.training) for m in model.modules()]
+    snapshot = {id(b): b.detach().clone() for b in model.buffers()}
+    buffers = dict(snapshot)  # what the buffers are set to on exit: the snapshot + new statistics on success
+    params_rg = [(p, p.requires_grad) for p in model.parameters()]
+    success = False
+    try:
+        with _forked_rng(devices):
+            model.train()
+            for m in model.modules():
+                if is_stochastic(m):
+                    m.eval()
+            for m in targets:
+                m.calibrated.fill_(False)
+            # 1. Dependency levels from the autograd graph of one probe forward.
+            for m in model.modules():
+                if isinstance(m, ScaleEqualizer) and m in targets:
+                    m._calib, m._probe_in, m._probe_out = "probe", None, None
+            for p, _ in params_rg:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                forward_fn(model, batches[0])
+            for p, rg in params_rg:
+                p.requires_grad_(rg)
+            missing = [names[m] for m in targets if m._probe_out is None]
+            if missing:
+                raise RuntimeError(f"calibrate_scale_equalizers: the forward did not reach the equalizers {missing}; "
+                                   f"check forward_fn (e.g. mode='loss' so auxiliary heads run)")
+            leaves = {id(m._probe_out): i for i, m in enumerate(targets)}
+            deps = [_depends_on(m._probe_in, leaves) - {i} for i, m in enumerate(targets)]
+            for m in targets:
+                m._probe_in = m._probe_out = None
+            level: Dict[int, int] = {}
+            while len(level) < len(targets):
+                progressed = False
+                for i, d in enumerate(deps):
+                    if i not in level and all(j in level for j in d):
+                        level[i] = 1 + max((level[j] for j in d), default=-1)
+                        progressed = True
+                if not progressed:  # a cycle cannot happen in a feed-forward graph
+                    raise RuntimeError("calibrate_scale_equalizers: cyclic equalizer dependencies")
+            # 2. One pass per level; lower levels are already calibrated and normalise.
+            result: Dict[str, Tuple[float, float]] = {}
+            with torch.no_grad():
+                for lvl in range(max(level.values()) + 1):
+                    current = [m for i, m in enumerate(targets) if level[i] == lvl]
+                    for i, m in enumerate(targets):
+                        if level[i] >= lvl:
+                            m._calib = "accumulate" if level[i] == lvl else "pass"
+                            m._acc = (0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+                    for batch in batches:
+                        forward_fn(model, batch)
+                    stats = _all_gather_merge([m._acc for m in current], device)
+                    for m, (n, mean, m2) in zip(current, stats):
+                        if n == 0:
+                            raise RuntimeError(f"calibrate_scale_equalizers: equalizer {names[m]!r} saw no elements")
+                        m._calib = None
+                        buffers[id(m.mean)] = torch.as_tensor(float(mean), dtype=m.mean.dtype, device=m.mean.device)
+                        buffers[id(m.var)] = torch.as_tensor(float(m2) / n, dtype=m.var.dtype, device=m.var.device)
+                        buffers[id(m.calibrated)] = torch.ones((), dtype=torch.bool, device=m.calibrated.device)
+                        m.mean.copy_(buffers[id(m.mean)])
+                        m.var.copy_(buffers[id(m.var)])
+                        m.calibrated.fill_(True)
+                        result[names[m]] = (float(mean), float(m2) / n)
+        success = True
+        return result
+    finally:
+        for p, rg in params_rg:
+            p.requires_grad_(rg)
+        for m in targets:
+            m._calib, m._probe_in, m._probe_out = None, None, None
+            m._acc = (0, torch.zeros(()), torch.zeros(()))
+        restore = buffers if success else snapshot
+        with torch.no_grad():
+            for b in model.buffers():
+                if id(b) in restore:
+                    b.copy_(restore[id(b)])
+        for m, mode in modes:
+            m.training = mode
+
+
+# --------------------------------------------------------------------------------------------------------
+# Folding
+# --------------------------------------------------------------------------------------------------------
+
+def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of a Conv2d."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (t, b), (l, r) = pads
+        return (l, r, t, b)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+class BorderCorrectedConv2d(nn.Conv2d):
+    """A Conv2d whose zero-padded input was an affine map ``x * scale + shift`` folded into it.
+
+    Folding a per-channel affine map into a convolution scales the weight's
+    input channels and adds ``shift`` times the summed kernel to the bias --
+    exact in the interior. Where the kernel overlaps the zero padding, the
+    padded positions contributed 0 instead of ``shift``, so the output gets a
+    border correction: ``-conv(P, K)`` with ``P`` the indicator of padded
+    positions and ``K[o] = sum_c shift_c * W[o, c]``. It is non-zero only on
+    a few rows / columns at the borders; those strips are cached per input
+    size (a small LRU) and added in place.
+
+    Build it with :func:`fold_input_affine`.
+    """
+
+    _cache_size = 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("border_kernel", None)
+        self._strips: "OrderedDict[Any, Tuple]" = OrderedDict()
+
+    def _border_strips(self, hw: Tuple[int, int], out_hw: Tuple[int, int], device: torch.device,
+                       dtype: torch.dtype) -> Tuple:
+        key = (hw, device, dtype)
+        hit = self._strips.get(key)
+        if hit is not None:
+            self._strips.move_to_end(key)
+            return hit
+        h, w = hw
+        ho, wo = out_hw
+        l, r, t, b = _explicit_padding(self)
+        kernel = self.border_kernel.double()
+        pad_indicator = 1.0 - F.pad(torch.ones(1, 1, h, w, dtype=torch.float64, device=device), (l, r, t, b))
+        corr = -F.conv2d(pad_indicator, kernel, stride=self.stride, dilation=self.dilation)  # (1, O, ho, wo)
+        (sh, sw), (dh, dw), (kh, kw) = self.stride, self.dilation, self.kernel_size
+        top = min(ho, -(-t // sh))
+        left = min(wo, -(-l // sw))
+        bottom = sum(1 for i in range(top, ho) if i * sh - t + dh * (kh - 1) > h - 1)
+        right = sum(1 for j in range(left, wo) if j * sw - l + dw * (kw - 1) > w - 1)
+        corr = corr.to(dtype)
+        strips = (top, bottom, left, right,
+                  corr[:, :, :top], corr[:, :, ho - bottom:],
+                  corr[:, :, top:ho - bottom, :left], corr[:, :, top:ho - bottom, wo - right:])
+        strips = tuple(s.clone() if isinstance(s, torch.Tensor) else s for s in strips)
+        self._strips[key] = strips
+        if len(self._strips) > self._cache_size:
+            self._strips.popitem(last=False)
+        return strips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.border_kernel is None:
+            return out
+        ho, wo = out.shape[-2:]
+        top, bottom, left, right, s_top, s_bottom, s_left, s_right = self._border_strips(
+            tuple(x.shape[-2:]), (ho, wo), x.device, out.dtype)
+        if top:
+            out[:, :, :top] += s_top
+        if bottom:
+            out[:, :, ho - bottom:] += s_bottom
+        if left:
+            out[:, :, top:ho - bottom, :left] += s_left
+        if right:
+            out[:, :, top:ho - bottom, wo - right:] += s_right
+        return out
+
+
+def fold_input_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
+    """Fold ``x -> x * scale + shift`` (per input channel) into the conv that reads ``x``.
+
+    Returns a new :class:`BorderCorrectedConv2d` with
+    ``new(x) == conv(x * scale[:, None, None] + shift[:, None, None])`` up to
+    float rounding, zero padding included. The computation is done in
+    float64. Any ``padding_mode`` other than ``'zeros'`` pads a constant map
+    with the same constant, so it needs no border correction.
+
+    Args:
+        conv: The consumer convolution (``nn.Conv2d``, any groups/dilation/stride).
+        scale: ``(in_channels,)`` multipliers.
+        shift: ``(in_channels,)`` offsets.
+
+    Returns:
+        The folded convolution (the input module is not modified).
+    """
+    if type(conv) is BorderCorrectedConv2d or not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fold_input_affine needs a plain nn.Conv2d (not yet folded), got {type(conv).__name__}")
+    cin = conv.in_channels
+    scale = torch.as_tensor(scale, dtype=torch.float64).flatten().to(conv.weight.device)
+    shift = torch.as_tensor(shift, dtype=torch.float64).flatten().to(conv.weight.device)
+    if scale.numel() != cin or shift.numel() != cin:
+        raise ValueError(f"scale/shift must have in_channels={cin} entries, got {scale.numel()}/{shift.numel()}")
+    w = conv.weight.detach().double()  # (O, Cin/g, kh, kw)
+    out_ch, cg = w.shape[:2]
+    groups = conv.groups
+    in_idx = (torch.arange(out_ch, device=w.device) // (out_ch // groups))[:, None] * cg + torch.arange(
+        cg, device=w.device)[None, :]  # (O, Cin/g): the input channel each weight slice reads
+    new_w = w * scale[in_idx][:, :, None, None]
+    kernel = (w * shift[in_idx][:, :, None, None]).sum(dim=1, keepdim=True)  # (O, 1, kh, kw)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(out_ch, dtype=torch.float64,
+                                                                                  device=w.device)
+    new_bias = bias + kernel.sum(dim=(1, 2, 3))
+    folded = BorderCorrectedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                   padding=conv.padding, dilation=conv.dilation, groups=groups, bias=True,
+                                   padding_mode=conv.padding_mode, device=conv.weight.device,
+                                   dtype=conv.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(new_w.to(conv.weight.dtype))
+        folded.bias.copy_(new_bias.to(conv.weight.dtype))
+    folded.train(conv.training)
+    needs_border = conv.padding_mode == "zeros" and any(_explicit_padding(conv)) and bool(kernel.abs().sum() > 0)
+    if needs_border:
+        folded.border_kernel = kernel.to(conv.weight.dtype)
+    return folded
+
+
+def fold_scale_equalizers(model: nn.Module) -> Dict[str, List[str]]:
+    """Fold every equalizer of ``model`` into the convolution that consumes it (inference only).
+
+    Puts the model in eval mode and asks every module that owns equalizers
+    (``_owns_scale_equalizers = True`` and a ``fold_scale_equalizers()``
+    method returning the folded names, e.g. the kim_plugins mmseg SE heads)
+    to fold them. Folded equalizers become ``nn.Identity``;
+    the folded model gives the same eval logits (float tolerance) at the
+    cost of the plain model. It can no longer be trained.
+
+    Returns:
+        ``{'folded': [...], 'unfolded': [...]}`` equalizer names. Unfolded
+        ones are also reported with a warning.
+
+    Raises:
+        RuntimeError: an uncalibrated ``'dataset'`` equalizer (not built with
+            ``allow_uncalibrated``).
+    """
+    model.eval()
+    folded: List[str] = []
+    for name, module in model.named_modules():
+        if getattr(module, "_owns_scale_equalizers", False):
+            folded.extend(f"{name}.{n}" if name else n for n in module.fold_scale_equalizers())
+    unfolded = [n for n, m in model.named_modules() if isinstance(m, ScaleEqualizer)]
+    if unfolded:
+        warnings.warn(f"fold_scale_equalizers: {len(unfolded)} equalizer(s) could not be folded and still run: "
+                      f"{unfolded}", stacklevel=2)
+    return {"folded": folded, "unfolded": unfolded}
