@@ -229,7 +229,7 @@ def _sample(x: torch.Tensor, table: _Table) -> torch.Tensor:
     live &= torch.arange(k, device=x.device) < table.kept[:, None]                  # rank < k_l
     weight = torch.where(live, table.scale.to(x.dtype)[:, None], torch.zeros((), dtype=x.dtype,
                                                                                 device=x.device))
-    flat = x.reshape(n, c, -1)
+    flat = x.flatten(2)
     picked = flat.gather(-1, index.reshape(n, 1, num_windows * k).expand(n, c, -1))
     out = (picked.view(n, c, num_windows, k) * weight[:, None]).sum(-1)
     out = out.view(n, c, *table.out_hw)
