@@ -1,1 +1,589 @@
-"""Gaussian-attention-bias (GAB) and PreLayerNorm (PLN) vision transformers for timm."""
+"""Gaussian-attention-bias (GAB) and PreLayerNorm (PLN) vision transformers for timm.
+
+Papers:
+
+* GAB: "Understanding Gaussian Attention Bias of Vision Transformers Using
+  Effective Receptive Fields", Kim et al., BMVC 2023, arXiv:2305.04722.
+  Every block adds ``a² · exp(-(dh² + dw²) / (2σ²))`` to its attention
+  logits (learnable σ, a). See :mod:`kim_plugins.layers.gaussian_attention_bias`.
+* PLN: "Improved Robustness of Vision Transformer via PreLayerNorm in Patch
+  Embedding", Kim and Kim, arXiv:2111.08413. ``z0 = [x_cls ; LN(x_p E)] + E_pos``:
+  a LayerNorm on the projected patch tokens before the positional embedding
+  is added. timm's ``VisionTransformer(embed_norm_layer=...)`` puts the norm
+  at exactly that spot (``PatchEmbed.norm``, after the projection and before
+  ``_pos_embed``; the class token is concatenated later, untouched), so the
+  PLN models are plain ``VisionTransformer`` s with ``embed_norm_layer='layernorm'``.
+
+The GAB bias is passed to timm's attention as the float ``attn_mask`` of
+``scaled_dot_product_attention``, so the fused kernel is kept. The patch grid
+comes from the patch embedding of each call, so other ``img_size`` values and
+``dynamic_img_size=True`` work.
+
+Registered names (``import kim_plugins`` first)::
+
+    vit_{tiny,small,base}_patch16_gab_224          VisionTransformer + GAB
+    vit_relpos_{small,medium,base}_patch16_gab_224 VisionTransformerRelPos + GAB (the paper's hosts)
+    vit_{tiny,small,base}_patch16_pln_224          VisionTransformer + PreLayerNorm
+    vit_small_patch16_gab_pln_224                  both
+
+A plain timm checkpoint of the host loads into each of them
+(``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
+new parameters (σ, a, the PLN norm) keep their initial values.
+"""
+
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import LayerNorm, maybe_add_mask, resolve_self_attn_mask
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
+from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, VisionTransformerRelPos
+from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpos_filter_fn
+
+from ..layers.gaussian_attention_bias import GAB_GRANULARITIES, GaussianAttentionBias
+
+__all__ = [
+    "GabBlock",
+    "GabRelPosAttention",
+    "GabRelPosBlock",
+    "GabVisionTransformer",
+    "GabVisionTransformerRelPos",
+    "checkpoint_filter_fn",
+]
+
+
+def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """Additive float mask = GAB bias + the caller's mask (bool or float) and causal mask."""
+    if attn_mask is None and not is_causal:
+        return bias
+    extra = resolve_self_attn_mask(bias.shape[-1], bias, attn_mask, is_causal)
+    return maybe_add_mask(bias, extra)
+
+
+def _make_gab_layer(num_prefix_tokens: int, granularity: str, sigma_init: float,
+                    amplitude_init: float) -> Callable[..., GaussianAttentionBias]:
+    """Validated constructor of the per-block (or shared) bias module; the grid is always passed per call."""
+    if granularity not in GAB_GRANULARITIES:
+        raise ValueError(f"unknown gab_granularity {granularity!r}; use one of {GAB_GRANULARITIES}")
+    # construct once to validate sigma/amplitude early, with a clear message
+    GaussianAttentionBias(None, 1, granularity, sigma_init, amplitude_init, num_prefix_tokens, device="meta")
+    return partial(GaussianAttentionBias, None, granularity=granularity, sigma_init=sigma_init,
+                   amplitude_init=amplitude_init, num_prefix_tokens=num_prefix_tokens)
+
+
+def _check_gab_kwargs(kwargs: Dict[str, Any], allowed_block: Type[nn.Module]) -> None:
+    block_fn = kwargs.pop("block_fn", allowed_block)
+    if block_fn is not allowed_block:
+        raise ValueError(f"GAB models build their own {allowed_block.__name__} subclass; "
+                         f"block_fn={block_fn!r} is not supported")
+    if kwargs.get("patch_drop_rate", 0.0):
+        raise ValueError(f"patch_drop_rate={kwargs['patch_drop_rate']} drops patch tokens, so the Gaussian "
+                         "attention bias no longer matches the token positions; use patch_drop_rate=0")
+
+
+class GabBlock(Block):
+    """timm ViT ``Block`` whose attention logits get a Gaussian attention bias.
+
+    Same constructor as :class:`timm.models.vision_transformer.Block`, plus
+    ``gab_layer`` (a constructor of :class:`GaussianAttentionBias` taking
+    ``num_heads``; ``None`` when the model shares one bias over all blocks
+    and passes it in ``attn_mask``). ``forward`` needs ``feat_size``, the
+    ``(H, W)`` patch grid of this call.
+    """
+
+    def __init__(self, dim: int, num_heads: int, gab_layer: Optional[Callable[..., GaussianAttentionBias]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.gab = gab_layer(num_heads=num_heads, **dd) if gab_layer is not None else None
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            feat_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        if self.gab is not None:
+            attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, is_causal)
+            is_causal = False
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class GabRelPosAttention(RelPosAttention):
+    """timm ``RelPosAttention`` that also adds an external float ``attn_mask`` to the logits.
+
+    The relative-position bias (per block or shared) and ``attn_mask`` are
+    summed and passed as one float mask to ``scaled_dot_product_attention``
+    (fused path), or added to the logits (manual path).
+    """
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = self.q_norm(q)
+        k = self.k_norm(k)
+
+        if self.rel_pos is not None:
+            attn_bias = self.rel_pos.get_bias()
+        else:
+            attn_bias = shared_rel_pos
+        if attn_mask is not None:
+            attn_bias = attn_mask if attn_bias is None else attn_bias + attn_mask
+
+        if self.fused_attn:
+            x = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_bias,
+                dropout_p=self.attn_drop.p if self.training else 0.,
+            )
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, attn_bias)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class GabRelPosBlock(RelPosBlock):
+    """timm ``RelPosBlock`` whose attention logits get a Gaussian attention bias on top of the relative-position bias.
+
+    Same constructor as :class:`timm.models.vision_transformer_relpos.RelPosBlock`,
+    plus ``gab_layer`` (see :class:`GabBlock`).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            rel_pos_cls: Optional[Type[nn.Module]] = None,
+            init_values: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            gab_layer: Optional[Callable[..., GaussianAttentionBias]] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         rel_pos_cls=rel_pos_cls, init_values=init_values, proj_drop=proj_drop,
+                         attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
+        # same attention, with an attn_mask input (timm's RelPosAttention has none)
+        self.attn = GabRelPosAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, rel_pos_cls=rel_pos_cls,
+                                       attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.gab = gab_layer(num_heads=num_heads, **dd) if gab_layer is not None else None
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None,
+                feat_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if self.gab is not None:
+            attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, False)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), shared_rel_pos=shared_rel_pos,
+                                                   attn_mask=attn_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _gab_no_weight_decay(model: nn.Module) -> Set[str]:
+    return {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1].startswith("gab_")}
+
+
+def _reshape_intermediates(intermediates: List[torch.Tensor], num_prefix_tokens: int, reshape: bool,
+                           feat_size: Tuple[int, int]) -> Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]:
+    """Split prefix tokens off and optionally reshape NLC -> NCHW (as timm's ViTs do)."""
+    prefix_tokens: Optional[List[torch.Tensor]] = None
+    if num_prefix_tokens:
+        prefix_tokens = [y[:, 0:num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, num_prefix_tokens:] for y in intermediates]
+    if reshape:
+        H, W = feat_size
+        intermediates = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+    return intermediates, prefix_tokens
+
+
+class GabVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` with a Gaussian attention bias in every block.
+
+    From "Understanding Gaussian Attention Bias of Vision Transformers Using
+    Effective Receptive Fields" (Kim et al., BMVC 2023, arXiv:2305.04722).
+    All :class:`~timm.models.vision_transformer.VisionTransformer` arguments
+    are accepted (``block_fn`` is fixed to :class:`GabBlock`; ``patch_drop_rate``
+    must be 0 because dropped tokens lose their grid position), plus:
+
+    Args:
+        gab_granularity: ``'block'`` (one σ, a per block, shared over heads;
+            default), ``'head'`` (per head) or ``'network'`` (one σ, a for the
+            whole model, module ``gab``).
+        gab_sigma_init: Initial σ in patch units (paper: 5).
+        gab_amplitude_init: Initial amplitude ``a`` (paper: 1).
+        **kwargs: ``VisionTransformer`` arguments.
+
+    Parameters ``*.gab.gab_sigma_log`` (log σ) and ``*.gab.gab_amplitude``
+    are listed by :meth:`no_weight_decay`.
+    """
+
+    def __init__(self, gab_granularity: str = "block", gab_sigma_init: float = 5.0,
+                 gab_amplitude_init: float = 1.0, **kwargs: Any) -> None:
+        _check_gab_kwargs(kwargs, Block)
+        num_prefix_tokens = int(kwargs.get("class_token", True)) + int(kwargs.get("reg_tokens", 0))
+        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init)
+        shared = gab_granularity == "network"
+        super().__init__(block_fn=partial(GabBlock, gab_layer=None if shared else gab_layer), **kwargs)
+        assert self.num_prefix_tokens == num_prefix_tokens
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None
+        self.gab_granularity = gab_granularity
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's set plus the full names of every σ and a parameter."""
+        return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        matcher = dict(super().group_matcher(coarse))
+        matcher["stem"] = matcher["stem"] + r"|^gab\."  # shared ('network') bias goes with the embeddings
+        return matcher
+
+    def _shared_mask(self, feat_size: Tuple[int, int], attn_mask: Optional[torch.Tensor],
+                     is_causal: bool) -> Tuple[Optional[torch.Tensor], bool]:
+        if self.gab is not None:
+            return _with_gab_bias(self.gab(feat_size), attn_mask, is_causal), False
+        return attn_mask, is_causal
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        feat_size = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        return x, feat_size
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        x, feat_size = self._embed(x)
+        attn_mask, is_causal = self._shared_mask(feat_size, attn_mask, is_causal)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, attn_mask, is_causal, feat_size)
+            else:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal, feat_size=feat_size)
+        x = self.norm(x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """Forward features that returns intermediates (same contract as timm's ``VisionTransformer``)."""
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        x, feat_size = self._embed(x)
+        attn_mask, is_causal = self._shared_mask(feat_size, attn_mask, is_causal)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, attn_mask, is_causal, feat_size)
+            else:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal, feat_size=feat_size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        intermediates, prefix_tokens = _reshape_intermediates(
+            intermediates, self.num_prefix_tokens, output_fmt == 'NCHW', feat_size)
+
+        if output_dict:
+            result_dict: Dict[str, Any] = {'image_intermediates': intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result_dict['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                result_dict['image_features'] = self.norm(x)
+            return result_dict
+
+        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+
+class GabVisionTransformerRelPos(VisionTransformerRelPos):
+    """timm ``VisionTransformerRelPos`` with a Gaussian attention bias added on top of the relative-position bias.
+
+    The paper's own hosts (Kim et al., BMVC 2023, arXiv:2305.04722). All
+    :class:`~timm.models.vision_transformer_relpos.VisionTransformerRelPos`
+    arguments are accepted (``block_fn`` is fixed to :class:`GabRelPosBlock`),
+    plus ``gab_granularity``, ``gab_sigma_init``, ``gab_amplitude_init`` as in
+    :class:`GabVisionTransformer`. Like its host, the model has a fixed input
+    size (``img_size`` at construction or ``set_input_size``).
+    """
+
+    def __init__(self, gab_granularity: str = "block", gab_sigma_init: float = 5.0,
+                 gab_amplitude_init: float = 1.0, **kwargs: Any) -> None:
+        _check_gab_kwargs(kwargs, RelPosBlock)
+        num_prefix_tokens = int(kwargs.get("class_token", False))
+        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init)
+        shared = gab_granularity == "network"
+        super().__init__(block_fn=partial(GabRelPosBlock, gab_layer=None if shared else gab_layer), **kwargs)
+        assert self.num_prefix_tokens == num_prefix_tokens
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None
+        self.gab_granularity = gab_granularity
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's set plus the full names of every σ and a parameter."""
+        return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        matcher = dict(super().group_matcher(coarse))
+        matcher["stem"] = matcher["stem"] + r"|^gab\."
+        return matcher
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int], Optional[torch.Tensor],
+                                               Optional[torch.Tensor]]:
+        feat_size = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        shared_rel_pos = self.shared_rel_pos.get_bias() if self.shared_rel_pos is not None else None
+        shared_gab = self.gab(feat_size) if self.gab is not None else None
+        return x, feat_size, shared_rel_pos, shared_gab
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, feat_size, shared_rel_pos, shared_gab = self._embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, shared_rel_pos, shared_gab, feat_size)
+            else:
+                x = blk(x, shared_rel_pos=shared_rel_pos, attn_mask=shared_gab, feat_size=feat_size)
+        x = self.norm(x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates (same contract as timm's ``VisionTransformerRelPos``)."""
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        x, feat_size, shared_rel_pos, shared_gab = self._embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, shared_rel_pos, shared_gab, feat_size)
+            else:
+                x = blk(x, shared_rel_pos=shared_rel_pos, attn_mask=shared_gab, feat_size=feat_size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        intermediates, prefix_tokens = _reshape_intermediates(
+            intermediates, self.num_prefix_tokens, output_fmt == 'NCHW', feat_size)
+        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+
+def _is_plugin_key(key: str) -> bool:
+    """State-dict keys that the plugins add to their timm host (absent from a plain checkpoint)."""
+    return key.rsplit(".", 1)[-1].startswith("gab_") or key.startswith("patch_embed.norm.")
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module,
+                         host_filter_fn: Callable = _vit_filter_fn) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint of the plain timm host (or of the plugin model itself).
+
+    Runs the host's own filter (position-embedding resampling, layouts), then
+    gives every plugin parameter that the checkpoint lacks (σ, a, the PLN
+    norm) the model's current, freshly initialised value, so a strict load
+    succeeds and those parameters keep their init. Any other missing key is
+    left missing, so a wrong checkpoint still fails loudly.
+    """
+    out = host_filter_fn(state_dict, model)
+    for key, value in model.state_dict().items():
+        if key not in out and _is_plugin_key(key):
+            out[key] = value
+    return out
+
+
+def _create(model_cls: Type[nn.Module], host_filter_fn: Callable, variant: str, pretrained: bool = False,
+            **kwargs: Any) -> nn.Module:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, host_filter_fn=host_filter_fn),
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+_create_gab_vit = partial(_create, GabVisionTransformer, _vit_filter_fn)
+_create_gab_vit_relpos = partial(_create, GabVisionTransformerRelPos, _relpos_filter_fn)
+_create_pln_vit = partial(_create, VisionTransformer, _vit_filter_fn)
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN,
+        'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+# No published weights: every name is '.untrained'. Fine-tune from a plain timm
+# checkpoint with pretrained=True, pretrained_cfg_overlay=dict(file=...).
+default_cfgs = generate_default_cfgs({
+    'vit_tiny_patch16_gab_224.untrained': _cfg(),
+    'vit_small_patch16_gab_224.untrained': _cfg(),
+    'vit_base_patch16_gab_224.untrained': _cfg(),
+    'vit_relpos_small_patch16_gab_224.untrained': _cfg(),
+    'vit_relpos_medium_patch16_gab_224.untrained': _cfg(),
+    'vit_relpos_base_patch16_gab_224.untrained': _cfg(),
+    'vit_tiny_patch16_pln_224.untrained': _cfg(),
+    'vit_small_patch16_pln_224.untrained': _cfg(),
+    'vit_base_patch16_pln_224.untrained': _cfg(),
+    'vit_small_patch16_gab_pln_224.untrained': _cfg(),
+})
+
+_PLN = dict(embed_norm_layer='layernorm')  # timm LayerNorm (eps 1e-6) inside PatchEmbed, before _pos_embed
+
+
+@register_model
+def vit_tiny_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformer:
+    """ViT-Ti/16 (timm ``vit_tiny_patch16_224``) with Gaussian attention bias."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_gab_vit('vit_tiny_patch16_gab_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformer:
+    """ViT-S/16 (timm ``vit_small_patch16_224``) with Gaussian attention bias."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_gab_vit('vit_small_patch16_gab_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformer:
+    """ViT-B/16 (timm ``vit_base_patch16_224``) with Gaussian attention bias."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_gab_vit('vit_base_patch16_gab_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_relpos_small_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformerRelPos:
+    """ViT-S/16 RelPos (timm ``vit_relpos_small_patch16_224``) with Gaussian attention bias."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, qkv_bias=False, fc_norm=True)
+    return _create_gab_vit_relpos('vit_relpos_small_patch16_gab_224', pretrained=pretrained,
+                                  **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_relpos_medium_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformerRelPos:
+    """ViT-M/16 RelPos (timm ``vit_relpos_medium_patch16_224``) with Gaussian attention bias."""
+    model_args = dict(patch_size=16, embed_dim=512, depth=12, num_heads=8, qkv_bias=False, fc_norm=True)
+    return _create_gab_vit_relpos('vit_relpos_medium_patch16_gab_224', pretrained=pretrained,
+                                  **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_relpos_base_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformerRelPos:
+    """ViT-B/16 RelPos (timm ``vit_relpos_base_patch16_224``) with Gaussian attention bias (the paper's 81.48 % model)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, fc_norm=True)
+    return _create_gab_vit_relpos('vit_relpos_base_patch16_gab_224', pretrained=pretrained,
+                                  **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16 (timm ``vit_tiny_patch16_224``) with PreLayerNorm patch embedding."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_PLN)
+    return _create_pln_vit('vit_tiny_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-S/16 (timm ``vit_small_patch16_224``) with PreLayerNorm patch embedding."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_PLN)
+    return _create_pln_vit('vit_small_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 (timm ``vit_base_patch16_224``) with PreLayerNorm patch embedding."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_PLN)
+    return _create_pln_vit('vit_base_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_patch16_gab_pln_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformer:
+    """ViT-S/16 with both Gaussian attention bias and PreLayerNorm patch embedding."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_PLN)
+    return _create_gab_vit('vit_small_patch16_gab_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,249 @@
+"""Gaussian attention bias (GAB) for vision transformers.
+
+Paper: Bum Jun Kim, Hyeyeon Choi, Hyeonah Jang, Sang Woo Kim, "Understanding
+Gaussian Attention Bias of Vision Transformers Using Effective Receptive
+Fields", BMVC 2023, arXiv:2305.04722.
+
+In every transformer block, before the softmax, the attention logits get the
+additive bias
+
+    B[q, k] = a² · exp(-(dh² + dw²) / (2σ²)),
+
+where ``(dh, dw)`` is the offset between the query and the key patch on the
+patch grid, in patch units, and ``σ`` and ``a`` are learnable (initialised
+``σ0 = 5``, ``a0 = 1``, excluded from weight decay) [paper, authors' code].
+
+Project decisions (see ``METHODS.md`` §3):
+
+- ``σ`` is stored as ``log σ`` (parameter ``gab_sigma_log``) so it can never
+  cross zero; ``a`` is stored as is (parameter ``gab_amplitude``), the bias
+  uses ``a²``. Both names start with ``gab_`` so optimizer rules
+  (mmengine ``paramwise_cfg.custom_keys``, timm ``no_weight_decay``) find them.
+- Prefix tokens (class, register) get zero bias in their rows and columns.
+- The grid is passed in by the caller (from the patch embedding), never
+  guessed from the token count, so other image sizes and
+  ``dynamic_img_size`` work.
+- The bias is meant to be passed as the float ``attn_mask`` of
+  :func:`torch.nn.functional.scaled_dot_product_attention`, which adds it to
+  the logits and keeps the fused kernel.
+
+This file needs only torch.
+"""
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias"]
+
+#: ``'block'``: one (σ, a) per block, shared over heads (paper default);
+#: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
+#: for the whole network (the model shares one module over all blocks).
+GAB_GRANULARITIES = ("block", "head", "network")
+
+_CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
+
+
+def _to_grid(grid_size: Union[int, Tuple[int, int]], what: str = "grid_size") -> Tuple[int, int]:
+    if isinstance(grid_size, int):
+        grid = (grid_size, grid_size)
+    else:
+        grid = tuple(int(g) for g in grid_size)
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f"{what} must be a positive int or a (height, width) pair, got {grid_size!r}")
+    return grid  # type: ignore[return-value]
+
+
+def grid_distance_sq(grid_size: Tuple[int, int], device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Squared distance ``dh² + dw²`` between every pair of patches of a grid.
+
+    Patches are numbered row-major (``index = h * W + w``), the order in which
+    timm's ``PatchEmbed`` flattens its output.
+
+    Args:
+        grid_size: ``(H, W)`` of the patch grid.
+        device: Device of the result.
+        dtype: Floating dtype of the result.
+
+    Returns:
+        ``(H*W, H*W)`` tensor.
+    """
+    h, w = grid_size[0], grid_size[1]
+    rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
+    dh = rows[:, None] - rows[None, :]
+    dw = cols[:, None] - cols[None, :]
+    return dh * dh + dw * dw
+
+
+def gaussian_attention_bias(sigma_log: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
+                            num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The GAB logit bias ``a² · exp(-(dh² + dw²) / (2σ²))`` for a patch grid.
+
+    Args:
+        sigma_log: ``(P,)`` values of ``log σ`` (``P`` = 1 or number of heads).
+        amplitude: ``(P,)`` values of ``a``.
+        grid_size: ``(H, W)`` of the patch grid.
+        num_prefix_tokens: Tokens placed before the patch tokens (class,
+            register); their rows and columns of the bias are zero.
+
+    Returns:
+        ``(1, P, T, T)`` bias with ``T = num_prefix_tokens + H * W``, ready to
+        broadcast over ``(batch, heads, T, T)`` attention logits.
+    """
+    d2 = grid_distance_sq(grid_size, device=sigma_log.device, dtype=sigma_log.dtype)
+    # 1 / (2σ²) = 0.5 · exp(-2 log σ): no division, σ > 0 by construction
+    inv_two_var = 0.5 * torch.exp(-2.0 * sigma_log)
+    amp_sq = amplitude * amplitude
+    bias = amp_sq[:, None, None] * torch.exp(-d2[None] * inv_two_var[:, None, None])
+    if num_prefix_tokens > 0:
+        bias = nn.functional.pad(bias, [num_prefix_tokens, 0, num_prefix_tokens, 0])
+    return bias.unsqueeze(0)
+
+
+class GaussianAttentionBias(nn.Module):
+    """Learnable Gaussian attention bias of one block (or of the whole network).
+
+    From "Understanding Gaussian Attention Bias of Vision Transformers Using
+    Effective Receptive Fields" (Kim et al., BMVC 2023, arXiv:2305.04722).
+    ``forward(grid_size)`` returns ``a² · exp(-(dh² + dw²) / (2σ²))`` with zero
+    rows and columns for the prefix tokens, shape ``(1, P, T, T)``, to be added
+    to the attention logits (the float ``attn_mask`` of
+    ``scaled_dot_product_attention``).
+
+    In eval mode, when no gradient for ``σ``/``a`` is requested, the bias is
+    cached per grid size; the cache is dropped on ``train()``/``eval()``,
+    device/dtype moves, ``load_state_dict`` and whenever a parameter is
+    changed in place (optimizer step, ``copy_``), so a stale bias is never
+    returned. Changes through ``param.data`` bypass version tracking: call
+    :meth:`clear_cache` after such edits.
+
+    Args:
+        grid_size: Default ``(H, W)`` patch grid, used when ``forward`` is
+            called without one. ``None``: the grid must always be passed.
+        num_heads: Number of attention heads of the block.
+        granularity: ``'block'`` (one σ, a shared over heads; the paper's
+            default), ``'head'`` (one σ, a per head) or ``'network'`` (one
+            σ, a; the model shares this module over all its blocks).
+        sigma_init: Initial σ in patch units (paper: 5). Must be > 0.
+        amplitude_init: Initial ``a`` (paper: 1); the bias scales with ``a²``.
+        num_prefix_tokens: Class/register tokens before the patch tokens.
+
+    Raises:
+        ValueError: Unknown granularity, ``sigma_init`` <= 0, non-finite
+            ``amplitude_init``, ``num_heads`` < 1 or ``num_prefix_tokens`` < 0.
+    """
+
+    def __init__(
+            self,
+            grid_size: Optional[Union[int, Tuple[int, int]]],
+            num_heads: int,
+            granularity: str = "block",
+            sigma_init: float = 5.0,
+            amplitude_init: float = 1.0,
+            num_prefix_tokens: int = 0,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GAB_GRANULARITIES:
+            raise ValueError(f"unknown GAB granularity {granularity!r}; use one of {GAB_GRANULARITIES}")
+        if not (isinstance(sigma_init, (int, float)) and math.isfinite(sigma_init) and sigma_init > 0):
+            raise ValueError(f"sigma_init must be a finite number > 0 (σ is learnt as log σ), got {sigma_init!r}")
+        if not (isinstance(amplitude_init, (int, float)) and math.isfinite(amplitude_init)):
+            raise ValueError(f"amplitude_init must be a finite number, got {amplitude_init!r}")
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        self.grid_size: Optional[Tuple[int, int]] = None if grid_size is None else _to_grid(grid_size)
+        self.num_heads = num_heads
+        self.granularity = granularity
+        self.sigma_init = float(sigma_init)
+        self.amplitude_init = float(amplitude_init)
+        self.num_prefix_tokens = num_prefix_tokens
+        num_params = num_heads if granularity == "head" else 1
+        dd = {"device": device, "dtype": dtype}
+        self.gab_sigma_log = nn.Parameter(torch.empty(num_params, **dd))
+        self.gab_amplitude = nn.Parameter(torch.empty(num_params, **dd))
+        self._bias_cache: Dict[Tuple, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set ``σ = sigma_init`` and ``a = amplitude_init``."""
+        with torch.no_grad():
+            self.gab_sigma_log.fill_(math.log(self.sigma_init))
+            self.gab_amplitude.fill_(self.amplitude_init)
+        self.clear_cache()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Current σ (patch units), ``exp(gab_sigma_log)``."""
+        return self.gab_sigma_log.exp()
+
+    @torch.jit.unused
+    def clear_cache(self) -> None:
+        """Drop the cached eval-time biases."""
+        self._bias_cache = {}
+
+    def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """The bias for ``grid_size``, recomputed (differentiable, never cached)."""
+        return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size, self.num_prefix_tokens)
+
+    def forward(self, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Bias ``(1, P, T, T)`` for the patch grid ``grid_size`` (default: ``self.grid_size``)."""
+        if grid_size is None:
+            grid = self.grid_size
+            if grid is None:
+                raise RuntimeError("GaussianAttentionBias needs the patch grid: pass grid_size=(H, W) "
+                                   "from the patch embedding, or construct it with a default grid_size")
+        else:
+            grid = grid_size
+        if not torch.jit.is_scripting() and self._may_cache():
+            return self._cached_bias(grid)
+        return self.compute_bias(grid)
+
+    @torch.jit.unused
+    def _may_cache(self) -> bool:
+        # Only in eval and only when no gradient reaches σ/a from this call.
+        if self.training:
+            return False
+        wants_grad = torch.is_grad_enabled() and (self.gab_sigma_log.requires_grad
+                                                  or self.gab_amplitude.requires_grad)
+        return not wants_grad
+
+    @torch.jit.unused
+    def _cached_bias(self, grid: Tuple[int, int]) -> torch.Tensor:
+        p, a = self.gab_sigma_log, self.gab_amplitude
+        key = (tuple(grid), p.device, p.dtype, p._version, a._version, p.data_ptr(), a.data_ptr(),
+               torch.is_inference_mode_enabled())
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            with torch.no_grad():
+                bias = self.compute_bias(tuple(grid))
+            # entries of older parameter versions can never be hit again
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:] == key[1:]}
+            while len(self._bias_cache) >= _CACHE_SIZE:
+                self._bias_cache.pop(next(iter(self._bias_cache)))
+            self._bias_cache[key] = bias
+        return bias
+
+    def train(self, mode: bool = True) -> "GaussianAttentionBias":
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"grid_size={self.grid_size}, num_heads={self.num_heads}, granularity={self.granularity!r}, "
+                f"sigma_init={self.sigma_init}, amplitude_init={self.amplitude_init}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
