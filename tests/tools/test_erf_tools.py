@@ -1,0 +1,80 @@
+"""tools/erf.py and tools/atrous_rates.py end to end, on CPU, tiny sizes."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+TOOLS = os.path.join(ROOT, "tools")
+CONFIGS = os.path.join(ROOT, "configs", "atrous_rates")
+UNET_RA = os.path.join(CONFIGS, "unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py")
+
+
+def _tool(name):
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_erf_tool_timm(tmp_path):
+    out = _tool("erf").main(["resnet18", "--size", "64", "--num-images", "2", "--batch-size", "2",
+                             "--out-dir", str(tmp_path)])
+    nums = json.load(open(out["json"]))
+    assert nums["weights"].startswith("untrained") and nums["input_size"] == [64, 64]
+    assert nums["num_images"] == 2 and 1 <= nums["side_50"] <= nums["side_90"]
+    assert os.path.getsize(out["png"]) > 5000
+
+
+def test_erf_tool_images_folder(tmp_path):
+    from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
+    root = make_dataset_fixture("ade20k", str(tmp_path / "data"), num_train=2, num_val=1)
+    out = _tool("erf").main(["resnet18", "--size", "48", "64", "--images", os.path.join(root, "images"),
+                             "--num-images", "3", "--out-dir", str(tmp_path / "out"), "--name", "r18"])
+    nums = json.load(open(out["json"]))
+    assert nums["input_size"] == [48, 64] and nums["num_images"] == 3 and out["png"].endswith("r18_erf.png")
+
+
+def test_erf_tool_mmseg_config(tmp_path):
+    out = _tool("erf").main([UNET_RA, "--size", "32", "--num-images", "1", "--out-dir", str(tmp_path)])
+    nums = json.load(open(out["json"]))
+    assert nums["kind"].startswith("mmseg segmentor") and nums["input_size"] == [32, 32]
+    assert "stare" in nums["images"]
+
+
+def test_atrous_rates_tool_prints_rule(capsys):
+    out = _tool("atrous_rates").main(["--crop-size", "512", "1024", "--output-stride", "8"])
+    assert out["rates"] == [1, 11, 21, 32]
+    assert "dilations=(1, 11, 21, 32)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _tool("atrous_rates").main(["--crop-size", "512"])
+
+
+def test_atrous_rates_tool_config_measures_stride(capsys):
+    baseline = os.path.join(CONFIGS, "unet-s5-d16_deeplabv3_4xb4-40k_stare-128x128.py")
+    rows = _tool("atrous_rates").main([baseline, "--cfg-options", "model.data_preprocessor.size=[64,64]",
+                                       "model.backbone.norm_cfg.type=BN"])["heads"]
+    assert len(rows) == 1 and rows[0]["output_stride"] == 1 and rows[0]["output_stride_source"] == "measured"
+    assert rows[0]["rule"] == [1, 11, 21, 32] and rows[0]["configured"] == [1, 12, 24, 36]
+    rows = _tool("atrous_rates").main([UNET_RA])["heads"]
+    assert rows[0]["output_stride_source"] == "config" and rows[0]["rule"] == [1, 21, 43, 64]
+
+
+def test_atrous_rates_search(tmp_path):
+    out = _tool("atrous_rates").main([UNET_RA, "--search", "--search-size", "24", "--r-max", "4", "7",
+                                      "--grid", "2", "--num-images", "1", "--batch-size", "4",
+                                      "--out-dir", str(tmp_path), "--cfg-options",
+                                      "model.backbone.base_channels=4", "model.decode_head.in_channels=4",
+                                      "model.decode_head.channels=4", "model.auxiliary_head.in_channels=8",
+                                      "model.auxiliary_head.channels=4"])
+    s = out["search"]
+    assert [d["r_max"] for d in s["results"]] == [5, 6, 7]  # r_max=4 gives (1, 1, 3, 4): not distinct
+    assert s["rule_rates_at_search_size"] == [1, 4, 8, 12] and s["rule_rates_full"] == [1, 21, 43, 64]
+    assert all(0.0 < d["coverage"] <= 1.0 for d in s["results"])
+    assert s["weights"].startswith("untrained")
+    for p in out["paths"].values():
+        assert os.path.getsize(p) > 0
