@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "check_keep_prob",
     "num_kept",
     "stochastic_avg_pool2d",
     "stochastic_avg_pool1d",
@@ -65,8 +66,13 @@ _OptSize2 = Union[Optional[int], Tuple[Optional[int], Optional[int]]]
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_keep_prob(keep_prob: float) -> float:
-    """Return ``keep_prob`` as a float, or raise if it is not in (0, 1]."""
+def check_keep_prob(keep_prob: float) -> float:
+    """Return ``keep_prob`` as a float.
+
+    Raises:
+        TypeError: Not a real number (bools and strings are rejected).
+        ValueError: Outside (0, 1] (NaN included).
+    """
     if isinstance(keep_prob, bool) or not isinstance(keep_prob, numbers.Real):
         raise TypeError(f"keep_prob must be a real number in (0, 1], got {keep_prob!r} "
                         f"({type(keep_prob).__name__}); use e.g. keep_prob=0.5")
@@ -90,14 +96,14 @@ def num_kept(window_size: Union[int, torch.Tensor], keep_prob: float) -> Union[i
         ``k`` with the type of ``window_size``. For ``p = 0.5``: ``K = 4 -> 2``,
         ``K = 9 -> 5``, ``K = 49 -> 25``.
     """
-    p = _check_keep_prob(keep_prob)
+    p = check_keep_prob(keep_prob)
     if isinstance(window_size, torch.Tensor):
         k = torch.floor(window_size.to(torch.float64) * p + 0.5).to(torch.long)
         return k.clamp_min(1)
     return max(1, math.floor(p * int(window_size) + 0.5))
 
 
-def _pair(v, name: str) -> Tuple:
+def _pair(v) -> Tuple:
     if isinstance(v, (tuple, list)):
         return tuple(v)
     return (v, v)
@@ -227,11 +233,11 @@ def _sample(x: torch.Tensor, table: _Table) -> torch.Tensor:
     index = table.index.expand(n, -1, -1).gather(-1, slot)                          # (N, L, k)
     live = table.real.expand(n, -1, -1).gather(-1, slot)
     live &= torch.arange(k, device=x.device) < table.kept[:, None]                  # rank < k_l
-    weight = torch.where(live, table.scale.to(x.dtype)[:, None], torch.zeros((), dtype=x.dtype,
-                                                                                device=x.device))
-    flat = x.flatten(2)
-    picked = flat.gather(-1, index.reshape(n, 1, num_windows * k).expand(n, c, -1))
-    out = (picked.view(n, c, num_windows, k) * weight[:, None]).sum(-1)
+    picked = x.flatten(2).gather(-1, index.reshape(n, 1, num_windows * k).expand(n, c, -1))
+    picked = torch.where(live[:, None], picked.view(n, c, num_windows, k), 0)     # 0 for padding / not kept
+    # sum in the op-math dtype (float32 for half / bfloat16, as torch's pooling), then one scale per window
+    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = (picked.sum(-1, dtype=opmath) * table.scale.to(opmath)).to(x.dtype)
     out = out.view(n, c, *table.out_hw)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
@@ -275,10 +281,10 @@ def stochastic_avg_pool2d(input: torch.Tensor, kernel_size: _Size2, stride: Opti
     Returns:
         The pooled tensor, the shape ``F.avg_pool2d`` gives.
     """
-    p = _check_keep_prob(keep_prob)
-    kernel = _pair(kernel_size, "kernel_size")
+    p = check_keep_prob(keep_prob)
+    kernel = _pair(kernel_size)
     stride_t = kernel if (stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)) \
-        else _pair(stride, "stride")
+        else _pair(stride)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
         if same_padding:
@@ -291,7 +297,7 @@ def stochastic_avg_pool2d(input: torch.Tensor, kernel_size: _Size2, stride: Opti
               input, plain)
     x, unbatched = _batched(input, 2)
     hw = tuple(x.shape[-2:])
-    table = _avg_pool_table(hw, kernel, stride_t, _pair(padding, "padding"), bool(ceil_mode),
+    table = _avg_pool_table(hw, kernel, stride_t, _pair(padding), bool(ceil_mode),
                             bool(count_include_pad), divisor_override,
                             _same_pad(hw, kernel, stride_t) if same_padding else None, p, x.device)
     out = plain(x) if table.trivial else _sample(x, table)
@@ -303,7 +309,7 @@ def stochastic_avg_pool1d(input: torch.Tensor, kernel_size: Union[int, Tuple[int
                           ceil_mode: bool = False, count_include_pad: bool = True, keep_prob: float = 0.5,
                           training: bool = True) -> torch.Tensor:
     """Stochastic ``F.avg_pool1d`` on ``(N, C, L)`` or ``(C, L)``; see :func:`stochastic_avg_pool2d`."""
-    p = _check_keep_prob(keep_prob)
+    p = check_keep_prob(keep_prob)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool1d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
@@ -322,7 +328,7 @@ def stochastic_avg_pool1d(input: torch.Tensor, kernel_size: Union[int, Tuple[int
 
 
 def _adaptive_out(output_size, hw: Sequence[int]) -> Tuple[int, ...]:
-    sizes = _pair(output_size, "output_size") if len(hw) == 2 else (
+    sizes = _pair(output_size) if len(hw) == 2 else (
         output_size[0] if isinstance(output_size, (tuple, list)) else output_size,)
     return tuple(int(h) if o is None else int(o) for o, h in zip(sizes, hw))
 
@@ -338,7 +344,7 @@ def stochastic_adaptive_avg_pool2d(input: torch.Tensor, output_size: _OptSize2, 
         keep_prob: Fraction ``p`` in (0, 1] of each window that is kept in training.
         training: When False, this is exactly ``F.adaptive_avg_pool2d``.
     """
-    p = _check_keep_prob(keep_prob)
+    p = check_keep_prob(keep_prob)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, output_size)
@@ -356,7 +362,7 @@ def stochastic_adaptive_avg_pool2d(input: torch.Tensor, output_size: _OptSize2, 
 def stochastic_adaptive_avg_pool1d(input: torch.Tensor, output_size: Union[int, Tuple[int]],
                                    keep_prob: float = 0.5, training: bool = True) -> torch.Tensor:
     """Stochastic ``F.adaptive_avg_pool1d`` on ``(N, C, L)`` or ``(C, L)``."""
-    p = _check_keep_prob(keep_prob)
+    p = check_keep_prob(keep_prob)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool1d(x, output_size)
@@ -411,7 +417,7 @@ class StochasticAvgPool2d(nn.AvgPool2d):
                  ceil_mode: bool = False, count_include_pad: bool = True,
                  divisor_override: Optional[int] = None, keep_prob: float = 0.5) -> None:
         super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-        self.keep_prob = _check_keep_prob(keep_prob)
+        self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return stochastic_avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -450,8 +456,8 @@ class StochasticAvgPool2dSame(StochasticAvgPool2d):
 
     def __init__(self, kernel_size: _Size2, stride: Optional[_Size2] = None, padding: _Size2 = 0,
                  ceil_mode: bool = False, count_include_pad: bool = True, keep_prob: float = 0.5) -> None:
-        kernel = _pair(kernel_size, "kernel_size")
-        super().__init__(kernel, _pair(stride, "stride") if stride is not None else kernel, (0, 0),
+        kernel = _pair(kernel_size)
+        super().__init__(kernel, _pair(stride) if stride is not None else kernel, (0, 0),
                          ceil_mode, count_include_pad, None, keep_prob)
 
 
@@ -470,7 +476,7 @@ class StochasticAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     def __init__(self, output_size: _OptSize2, keep_prob: float = 0.5, flatten: bool = False) -> None:
         super().__init__(output_size)
-        self.keep_prob = _check_keep_prob(keep_prob)
+        self.keep_prob = check_keep_prob(keep_prob)
         self.flatten = bool(flatten)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -517,7 +523,7 @@ class StochasticAvgPool1d(nn.AvgPool1d):
                  padding: Union[int, Tuple[int]] = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                  keep_prob: float = 0.5) -> None:
         super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad)
-        self.keep_prob = _check_keep_prob(keep_prob)
+        self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return stochastic_avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -540,7 +546,7 @@ class StochasticAdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
 
     def __init__(self, output_size: Union[int, Tuple[int]], keep_prob: float = 0.5) -> None:
         super().__init__(output_size)
-        self.keep_prob = _check_keep_prob(keep_prob)
+        self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return stochastic_adaptive_avg_pool1d(input, self.output_size, self.keep_prob, self.training)
@@ -620,7 +626,7 @@ def convert_to_stochastic_pooling(module: nn.Module, keep_prob: float = 0.5,
         TypeError: A matched module subclasses an average pool with unknown
             behaviour; name it in ``exclude`` to keep it.
     """
-    keep_prob = _check_keep_prob(keep_prob)
+    keep_prob = check_keep_prob(keep_prob)
     inc = _as_patterns(include, "include")
     exc = _as_patterns(exclude, "exclude") or []
     table = _converters()

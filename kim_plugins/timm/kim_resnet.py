@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from kim_plugins.layers.stochastic_pool import (STOCHASTIC_POOL_TYPES, StochasticAvgPool2dSame,
-                                                _check_keep_prob, convert_to_stochastic_pooling)
+                                                check_keep_prob, convert_to_stochastic_pooling)
 
 __all__ = ["SAPResNet"]
 
@@ -63,7 +63,7 @@ class SAPResNet(ResNet):
 
     def __init__(self, *args: Any, sap_keep_prob: float = 0.5, sap_global_pool: bool = True,
                  sap_downsample: bool = True, **kwargs: Any) -> None:
-        keep_prob = _check_keep_prob(sap_keep_prob)  # fail before building the network
+        keep_prob = check_keep_prob(sap_keep_prob)  # fail before building the network
         super().__init__(*args, **kwargs)
         self.sap_keep_prob = keep_prob
         self.sap_global_pool = bool(sap_global_pool)

@@ -389,3 +389,13 @@ def test_dtypes_and_cuda():
                 y.float().sum().backward()
                 assert x.grad.dtype == dtype
                 assert torch.equal(pool.eval()(x), pool.__class__.__bases__[0].forward(pool, x))
+
+
+def test_values_that_are_not_kept_do_not_leak():
+    """An inf at a position that is not drawn leaves the output finite (no 0 * inf)."""
+    x = torch.zeros(200, 1, 2, 2)
+    x[:, 0, 0, 0] = float("inf")
+    torch.manual_seed(0)
+    out = StochasticAvgPool2d(2).train()(x).flatten()
+    assert not out.isnan().any()
+    assert ((out == 0) | (out == float("inf"))).all() and (out == 0).any() and (out == float("inf")).any()

@@ -191,3 +191,10 @@ def test_fx_feature_extraction_keeps_sap_pools_as_leaves():
     a = model(x)[-1]
     b = model(x)[-1]
     assert not torch.equal(a, b)
+
+
+def test_torch_export_in_eval_is_the_plain_graph():
+    model = timm.create_model("resnet18d_sap").eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    exported = torch.export.export(model, (x,))
+    assert torch.equal(exported.module()(x), model(x))
