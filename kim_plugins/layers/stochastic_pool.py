@@ -159,13 +159,13 @@ class _Table(NamedTuple):
     counted: torch.Tensor  # (L, J) bool
     real: torch.Tensor     # (L, J) bool
     kept: torch.Tensor     # (L,) long: k per window
-    scale: torch.Tensor    # (L,) float64: K / (k * divisor)
+    scale: torch.Tensor    # (L,) op-math dtype: K / (k * divisor), computed in float64
     k_max: int
     trivial: bool          # every window keeps all its positions: SAP == plain op
 
 
 def _build_table(wh: _Windows, ww: _Windows, width: int, keep_prob: float,
-                 divisor_override: Optional[int], device: torch.device) -> _Table:
+                 divisor_override: Optional[int], device: torch.device, dtype: torch.dtype) -> _Table:
     oh, jh = wh.pos.shape
     ow, jw = ww.pos.shape
     index = (wh.pos[:, None, :, None] * width + ww.pos[None, :, None, :]).reshape(oh * ow, jh * jw)
@@ -178,25 +178,31 @@ def _build_table(wh: _Windows, ww: _Windows, width: int, keep_prob: float,
     k_max = int(kept.max()) if kept.numel() else 1
     trivial = bool((kept == size).all())
     return _Table((oh, ow), index.to(device), counted.to(device), real.to(device), kept.to(device),
-                  scale.to(device), k_max, trivial)
+                  scale.to(dtype).to(device), k_max, trivial)
 
 
 @lru_cache(maxsize=256)
 def _avg_pool_table(hw: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int],
                     padding: Tuple[int, int], ceil_mode: bool, count_include_pad: bool,
                     divisor_override: Optional[int], same_pad: Optional[Tuple[int, int, int, int]],
-                    keep_prob: float, device: torch.device) -> _Table:
+                    keep_prob: float, device: torch.device, dtype: torch.dtype) -> _Table:
     pl, pr, pt, pb = same_pad if same_pad is not None else (0, 0, 0, 0)
     wh = _pool_windows(hw[0], kernel[0], stride[0], padding[0], ceil_mode, count_include_pad, pt, pb)
     ww = _pool_windows(hw[1], kernel[1], stride[1], padding[1], ceil_mode, count_include_pad, pl, pr)
-    return _build_table(wh, ww, hw[1], keep_prob, divisor_override, device)
+    return _build_table(wh, ww, hw[1], keep_prob, divisor_override, device, dtype)
 
 
 @lru_cache(maxsize=256)
 def _adaptive_table(hw: Tuple[int, int], out_hw: Tuple[int, int], keep_prob: float,
-                    device: torch.device) -> _Table:
+                    device: torch.device, dtype: torch.dtype) -> _Table:
     return _build_table(_adaptive_windows(hw[0], out_hw[0]), _adaptive_windows(hw[1], out_hw[1]),
-                        hw[1], keep_prob, None, device)
+                        hw[1], keep_prob, None, device, dtype)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half / bfloat16 (as torch's pooling), else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point \
+        else dtype
 
 
 _VALIDATED: "OrderedDict[tuple, None]" = OrderedDict()
@@ -235,9 +241,8 @@ def _sample(x: torch.Tensor, table: _Table) -> torch.Tensor:
     live &= torch.arange(k, device=x.device) < table.kept[:, None]                  # rank < k_l
     picked = x.flatten(2).gather(-1, index.reshape(n, 1, num_windows * k).expand(n, c, -1))
     picked = torch.where(live[:, None], picked.view(n, c, num_windows, k), 0)     # 0 for padding / not kept
-    # sum in the op-math dtype (float32 for half / bfloat16, as torch's pooling), then one scale per window
-    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = (picked.sum(-1, dtype=opmath) * table.scale.to(opmath)).to(x.dtype)
+    # sum in the op-math dtype, then one scale per window
+    out = (picked.sum(-1, dtype=table.scale.dtype) * table.scale).to(x.dtype)
     out = out.view(n, c, *table.out_hw)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
@@ -299,7 +304,8 @@ def stochastic_avg_pool2d(input: torch.Tensor, kernel_size: _Size2, stride: Opti
     hw = tuple(x.shape[-2:])
     table = _avg_pool_table(hw, kernel, stride_t, _pair(padding), bool(ceil_mode),
                             bool(count_include_pad), divisor_override,
-                            _same_pad(hw, kernel, stride_t) if same_padding else None, p, x.device)
+                            _same_pad(hw, kernel, stride_t) if same_padding else None, p, x.device,
+                            _opmath(x.dtype))
     out = plain(x) if table.trivial else _sample(x, table)
     return out.squeeze(0) if unbatched else out
 
@@ -322,7 +328,7 @@ def stochastic_avg_pool1d(input: torch.Tensor, kernel_size: Union[int, Tuple[int
     _validate(("avg1d", k, s, one(padding), ceil_mode, count_include_pad), input, plain)
     x, unbatched = _batched(input, 1)
     table = _avg_pool_table((1, x.shape[-1]), (1, k), (1, s), (0, one(padding)), bool(ceil_mode),
-                            bool(count_include_pad), None, None, p, x.device)
+                            bool(count_include_pad), None, None, p, x.device, _opmath(x.dtype))
     out = plain(x) if table.trivial else _sample(x.unsqueeze(-2), table).squeeze(-2)
     return out.squeeze(0) if unbatched else out
 
@@ -354,7 +360,7 @@ def stochastic_adaptive_avg_pool2d(input: torch.Tensor, output_size: _OptSize2, 
     _validate(("adaptive2d", output_size), input, plain)
     x, unbatched = _batched(input, 2)
     hw = tuple(x.shape[-2:])
-    table = _adaptive_table(hw, _adaptive_out(output_size, hw), p, x.device)
+    table = _adaptive_table(hw, _adaptive_out(output_size, hw), p, x.device, _opmath(x.dtype))
     out = plain(x) if table.trivial else _sample(x, table)
     return out.squeeze(0) if unbatched else out
 
@@ -371,7 +377,8 @@ def stochastic_adaptive_avg_pool1d(input: torch.Tensor, output_size: Union[int, 
         return plain(input)
     _validate(("adaptive1d", output_size), input, plain)
     x, unbatched = _batched(input, 1)
-    table = _adaptive_table((1, x.shape[-1]), (1,) + _adaptive_out(output_size, x.shape[-1:]), p, x.device)
+    table = _adaptive_table((1, x.shape[-1]), (1,) + _adaptive_out(output_size, x.shape[-1:]), p, x.device,
+                            _opmath(x.dtype))
     out = plain(x) if table.trivial else _sample(x.unsqueeze(-2), table).squeeze(-2)
     return out.squeeze(0) if unbatched else out
 
