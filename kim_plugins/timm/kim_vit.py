@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import LayerNorm, maybe_add_mask, resolve_self_attn_mask
+from timm.layers import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -46,9 +46,10 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_f
 from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpos_filter_fn
 
-from ..layers.gaussian_attention_bias import GAB_GRANULARITIES, GaussianAttentionBias
+from ..layers.gaussian_attention_bias import GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias
 
 __all__ = [
+    "GabAttention",
     "GabBlock",
     "GabRelPosAttention",
     "GabRelPosBlock",
@@ -82,9 +83,53 @@ def _check_gab_kwargs(kwargs: Dict[str, Any], allowed_block: Type[nn.Module]) ->
     if block_fn is not allowed_block:
         raise ValueError(f"GAB models build their own {allowed_block.__name__} subclass; "
                          f"block_fn={block_fn!r} is not supported")
+    attn_layer = kwargs.pop("attn_layer", Attention)
+    if attn_layer not in (Attention, "", "attn"):
+        raise ValueError(f"GAB models use their own Attention subclass; attn_layer={attn_layer!r} is not supported")
     if kwargs.get("patch_drop_rate", 0.0):
         raise ValueError(f"patch_drop_rate={kwargs['patch_drop_rate']} drops patch tokens, so the Gaussian "
                          "attention bias no longer matches the token positions; use patch_drop_rate=0")
+
+
+class GabAttention(Attention):
+    """timm ``Attention`` whose float ``attn_mask`` may be a learnt bias.
+
+    Identical to :class:`timm.layers.Attention` except that the fused path
+    calls :func:`~kim_plugins.layers.gaussian_attention_bias.attention_with_bias`:
+    ``scaled_dot_product_attention`` everywhere, but an exact faster
+    replacement of torch's math fallback on CPU when the mask needs a gradient.
+    """
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        if self.fused_attn and not is_causal:
+            x = attention_with_bias(q, k, v, attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn_bias = resolve_self_attn_mask(N, attn, attn_mask, is_causal)
+            attn = maybe_add_mask(attn, attn_bias)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
 
 
 class GabBlock(Block):
@@ -142,11 +187,7 @@ class GabRelPosAttention(RelPosAttention):
             attn_bias = attn_mask if attn_bias is None else attn_bias + attn_mask
 
         if self.fused_attn:
-            x = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=attn_bias,
-                dropout_p=self.attn_drop.p if self.training else 0.,
-            )
+            x = attention_with_bias(q, k, v, attn_bias, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             q = q * self.scale
             attn = q @ k.transpose(-2, -1)
@@ -250,7 +291,8 @@ class GabVisionTransformer(VisionTransformer):
         num_prefix_tokens = int(kwargs.get("class_token", True)) + int(kwargs.get("reg_tokens", 0))
         gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init)
         shared = gab_granularity == "network"
-        super().__init__(block_fn=partial(GabBlock, gab_layer=None if shared else gab_layer), **kwargs)
+        super().__init__(block_fn=partial(GabBlock, gab_layer=None if shared else gab_layer),
+                         attn_layer=GabAttention, **kwargs)
         assert self.num_prefix_tokens == num_prefix_tokens
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None

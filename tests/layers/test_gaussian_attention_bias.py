@@ -1,0 +1,218 @@
+"""Gaussian attention bias: the formula entry by entry, gradients, the eval cache, the attention op, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kim_plugins.layers.gaussian_attention_bias import (
+    GaussianAttentionBias,
+    attention_with_bias,
+    gaussian_attention_bias,
+    grid_distance_sq,
+)
+
+
+def _expected_bias(grid, sigmas, amps, num_prefix):
+    """Formula a² exp(-(dh² + dw²) / (2σ²)) written out with Python loops, zero prefix rows/columns."""
+    h, w = grid
+    n = num_prefix + h * w
+    out = torch.zeros(1, len(sigmas), n, n, dtype=torch.float64)
+    for p, (sigma, amp) in enumerate(zip(sigmas, amps)):
+        for qi in range(h * w):
+            for ki in range(h * w):
+                dh = qi // w - ki // w
+                dw = qi % w - ki % w
+                out[0, p, num_prefix + qi, num_prefix + ki] = amp ** 2 * math.exp(-(dh * dh + dw * dw) / (2 * sigma ** 2))
+    return out
+
+
+def _set(module, sigmas, amps):
+    with torch.no_grad():
+        module.gab_sigma_log.copy_(torch.tensor(sigmas, dtype=torch.float64).log())
+        module.gab_amplitude.copy_(torch.tensor(amps, dtype=torch.float64))
+
+
+def test_distance_is_row_major_patch_order():
+    d2 = grid_distance_sq((2, 3))
+    # index = h * W + w: patch 1 is (0, 1), patch 5 is (1, 2)
+    assert d2[1, 5].item() == 1 + 1
+    assert d2[0, 5].item() == 1 + 4
+    assert d2[3, 2].item() == 1 + 4
+    assert torch.equal(d2, d2.T) and torch.all(d2.diagonal() == 0)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 3])
+@pytest.mark.parametrize("granularity", ["block", "network"])
+def test_bias_equals_formula_one_parameter(granularity, num_prefix):
+    gab = GaussianAttentionBias((3, 4), num_heads=5, granularity=granularity, sigma_init=1.7,
+                                amplitude_init=-0.8, num_prefix_tokens=num_prefix, dtype=torch.float64)
+    bias = gab()
+    assert bias.shape == (1, 1, num_prefix + 12, num_prefix + 12)
+    torch.testing.assert_close(bias, _expected_bias((3, 4), [1.7], [-0.8], num_prefix), rtol=1e-12, atol=0)
+    if num_prefix:
+        assert torch.all(bias[..., :num_prefix, :] == 0) and torch.all(bias[..., :, :num_prefix] == 0)
+    # the diagonal is a², the maximum of every row
+    torch.testing.assert_close(bias[0, 0, num_prefix:, num_prefix:].diagonal(),
+                               torch.full((12,), 0.64, dtype=torch.float64))
+
+
+def test_bias_equals_formula_per_head():
+    sigmas, amps = [0.5, 2.0, 7.0], [1.0, 0.3, -2.0]
+    gab = GaussianAttentionBias((4, 3), num_heads=3, granularity="head", num_prefix_tokens=1, dtype=torch.float64)
+    assert gab.gab_sigma_log.shape == (3,) and gab.gab_amplitude.shape == (3,)
+    _set(gab, sigmas, amps)
+    torch.testing.assert_close(gab((4, 3)), _expected_bias((4, 3), sigmas, amps, 1), rtol=1e-12, atol=0)
+
+
+def test_init_values_and_sigma_stays_positive():
+    gab = GaussianAttentionBias(2, num_heads=1)
+    torch.testing.assert_close(gab.sigma, torch.tensor([5.0]))
+    torch.testing.assert_close(gab.gab_amplitude.detach(), torch.tensor([1.0]))
+    with torch.no_grad():
+        gab.gab_sigma_log.fill_(-20.0)  # any real value of the parameter is a valid, positive σ
+    assert gab.sigma.item() > 0 and torch.isfinite(gab()).all()
+
+
+def test_amplitude_zero_gives_zero_bias_of_full_shape():
+    gab = GaussianAttentionBias((2, 2), num_heads=2, amplitude_init=0.0, num_prefix_tokens=1)
+    bias = gab()
+    assert bias.shape == (1, 1, 5, 5) and torch.count_nonzero(bias) == 0
+
+
+def test_gradients_match_closed_form():
+    gab = GaussianAttentionBias((3, 3), num_heads=1, sigma_init=2.0, amplitude_init=1.5, num_prefix_tokens=1,
+                                dtype=torch.float64)
+    weights = torch.randn(1, 1, 10, 10, dtype=torch.float64)
+    (gab() * weights).sum().backward()
+    sigma, amp = 2.0, 1.5
+    d2 = F.pad(grid_distance_sq((3, 3), dtype=torch.float64), [1, 0, 1, 0])
+    g = torch.exp(-d2 / (2 * sigma ** 2))
+    g[0, :] = 0
+    g[:, 0] = 0
+    w = weights[0, 0]
+    d_amp = (w * 2 * amp * g).sum()
+    d_log_sigma = (w * amp ** 2 * g * d2 / sigma ** 2).sum()  # d/d log σ of exp(-d2 / 2σ²) = G d2 / σ²
+    torch.testing.assert_close(gab.gab_amplitude.grad, d_amp.reshape(1))
+    torch.testing.assert_close(gab.gab_sigma_log.grad, d_log_sigma.reshape(1))
+
+
+def test_grid_follows_the_call():
+    gab = GaussianAttentionBias(None, num_heads=1, sigma_init=1.0, dtype=torch.float64)
+    for grid in [(2, 5), (5, 2), (1, 1)]:
+        torch.testing.assert_close(gab(grid), _expected_bias(grid, [1.0], [1.0], 0), rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="needs the patch grid"):
+        gab()
+
+
+class TestEvalCache:
+    def test_cached_in_eval_without_grad(self):
+        gab = GaussianAttentionBias((3, 3), num_heads=2).eval()
+        with torch.no_grad():
+            first = gab()
+            assert gab() is first
+            other = gab((2, 4))
+            assert other.shape[-1] == 8 and gab((2, 4)) is other and gab() is first
+
+    def test_not_cached_in_train_or_when_grad_is_needed(self):
+        gab = GaussianAttentionBias((3, 3), num_heads=2)
+        with torch.no_grad():
+            assert gab() is not gab()  # training mode: always recomputed
+        gab.eval()
+        bias = gab()  # eval with grad enabled: σ, a must still get gradients (e.g. ERF, frozen-BN fine-tuning)
+        assert bias.requires_grad
+        bias.sum().backward()
+        assert gab.gab_sigma_log.grad is not None
+
+    @pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "to_double", "train_eval", "copy_"])
+    def test_invalidated_when_parameters_change(self, change):
+        gab = GaussianAttentionBias((3, 3), num_heads=1, sigma_init=2.0).eval()
+        with torch.no_grad():
+            stale = gab().clone()
+        if change == "optimizer_step":
+            gab.train()
+            opt = torch.optim.SGD(gab.parameters(), lr=0.5)
+            gab().sum().backward()
+            opt.step()
+            gab.eval()
+        elif change == "load_state_dict":
+            gab.load_state_dict({"gab_sigma_log": torch.tensor([0.1]), "gab_amplitude": torch.tensor([3.0])})
+        elif change == "to_double":
+            gab.double()
+        elif change == "train_eval":
+            with torch.no_grad():
+                gab.gab_amplitude.data.mul_(2)  # bypasses version tracking; a mode switch drops the cache
+            gab.train().eval()
+        elif change == "copy_":
+            with torch.no_grad():
+                gab.gab_amplitude.copy_(torch.tensor([0.5]))
+        with torch.no_grad():
+            fresh = gab.compute_bias((3, 3))
+            cached = gab()
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+        if change == "to_double":
+            assert stale.dtype == torch.float32 and cached.dtype == torch.float64
+        else:
+            assert not torch.allclose(cached, stale)
+
+    def test_inference_mode_tensors_do_not_leak_into_autograd(self):
+        gab = GaussianAttentionBias((2, 2), num_heads=1).eval().requires_grad_(False)
+        with torch.inference_mode():
+            gab()
+        q = torch.randn(1, 1, 4, 8, requires_grad=True)
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=gab())
+        out.sum().backward()  # would fail if the inference-mode bias were returned
+        assert q.grad is not None
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 1, 7, 7), (1, 3, 7, 7), (2, 1, 7, 7), (7, 7)])
+def test_attention_with_bias_matches_sdpa(bias_shape):
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 3, 3, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True)
+
+    def run(fn):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # non-contiguous, as in timm's Attention
+        out = fn(q, k, v, bias)
+        return (out,) + torch.autograd.grad((out * torch.linspace(-1, 1, 8, dtype=out.dtype)).sum(), (qkv, bias))
+
+    ours = run(attention_with_bias)
+    ref = run(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_with_bias_uses_sdpa_when_bias_is_constant():
+    q = torch.randn(1, 2, 5, 4)
+    bias = torch.randn(1, 1, 5, 5)
+    torch.testing.assert_close(attention_with_bias(q, q, q, bias), F.scaled_dot_product_attention(q, q, q, bias),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="layer"), "unknown GAB granularity 'layer'"),
+    (dict(sigma_init=-1.0), "sigma_init must be a finite number > 0"),
+    (dict(sigma_init=0.0), "sigma_init must be a finite number > 0"),
+    (dict(amplitude_init=float("nan")), "amplitude_init must be a finite number"),
+    (dict(num_prefix_tokens=-1), "num_prefix_tokens must be an int >= 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianAttentionBias((2, 2), num_heads=2, **kwargs)
+
+
+def test_bad_grid_and_heads():
+    with pytest.raises(ValueError, match=r"grid_size must be a positive int or a \(height, width\) pair"):
+        GaussianAttentionBias((0, 3), num_heads=2)
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+        GaussianAttentionBias((2, 2), num_heads=0)
+
+
+def test_functional_form_matches_module():
+    sigma_log = torch.tensor([0.3, 1.1])
+    amp = torch.tensor([0.7, 1.2])
+    gab = GaussianAttentionBias((3, 2), num_heads=2, granularity="head", num_prefix_tokens=2)
+    with torch.no_grad():
+        gab.gab_sigma_log.copy_(sigma_log)
+        gab.gab_amplitude.copy_(amp)
+    torch.testing.assert_close(gab(), gaussian_attention_bias(sigma_log, amp, (3, 2), 2))
