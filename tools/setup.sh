@@ -109,7 +109,8 @@ fi
 
 CURRENT_STEP="kim_plugins (editable)"
 step "$CURRENT_STEP"
-if "$VENV/bin/python" -c "import kim_plugins" 2>/dev/null && [ "$("$VENV/bin/python" -c 'import kim_plugins, os; print(os.path.dirname(os.path.dirname(kim_plugins.__file__)))')" = "$ROOT" ]; then
+# Checked from / so that the source tree on sys.path cannot pass for an installation.
+if [ "$(cd / && "$VENV/bin/python" -c 'import kim_plugins, os; print(os.path.dirname(os.path.dirname(kim_plugins.__file__)))' 2>/dev/null)" = "$ROOT" ]; then
   echo "[setup] already installed from $ROOT"
 else
   PIP install -q --no-deps --no-build-isolation -e "$ROOT"
@@ -129,7 +130,7 @@ fi
 
 CURRENT_STEP="import check"
 step "$CURRENT_STEP"
-"$VENV/bin/python" - <<'PY'
+(cd / && "$VENV/bin/python" - <<'PY'
 import sys
 import torch, torchvision, timm, mmengine, mmcv, mmseg
 import mmcv._ext  # noqa: F401  compiled ops
@@ -137,5 +138,6 @@ import kim_plugins
 print(f"[setup] python {sys.version.split()[0]} torch {torch.__version__} torchvision {torchvision.__version__} "
       f"timm {timm.__version__} mmengine {mmengine.__version__} mmcv {mmcv.__version__} mmseg {mmseg.__version__}")
 PY
+)
 trap - ERR
 echo "[setup] done: activate with 'source $VENV/bin/activate'"

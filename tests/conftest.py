@@ -1,0 +1,24 @@
+"""Shared pytest fixtures: the dataset fixtures in every mmseg layout, written once per session."""
+import os
+
+import pytest
+
+from kim_plugins.testing.dataset_fixtures import FIXTURES, make_all_fixtures
+
+# Keep runs reproducible and quiet; nothing may reach the network in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def fixture_root(tmp_path_factory) -> str:
+    """Folder holding every dataset fixture: ``<root>/<name>`` for each of FIXTURES."""
+    root = str(tmp_path_factory.mktemp("dataset_fixtures"))
+    make_all_fixtures(root)
+    return root
+
+
+@pytest.fixture(scope="session", params=sorted(FIXTURES))
+def dataset_fixture(request, fixture_root):
+    """(name, data_root) for each dataset fixture."""
+    return request.param, os.path.join(fixture_root, request.param)

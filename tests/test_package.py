@@ -1,0 +1,23 @@
+"""The package's import contract."""
+import subprocess
+import sys
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_import_kim_plugins_does_not_import_mmseg_or_mmcv():
+    res = _run("import sys, kim_plugins; "
+               "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmcv', 'mmengine')); "
+               "print(bad); assert not bad, bad")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_import_kim_plugins_mmseg_registers_in_mmseg_registries():
+    res = _run("import kim_plugins.mmseg\n"
+               "from mmseg.registry import MODELS, HOOKS, DATASETS\n"
+               "from mmengine.runner import Runner\n"
+               "assert getattr(Runner.resume, '_kim_plugins_resume_fix', False)\n"
+               "print('ok')")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
