@@ -1,0 +1,1 @@
+"""(placeholder: CPU-capable distributed launch; filled by the evaluation-tools issue)."""
