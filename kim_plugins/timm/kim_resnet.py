@@ -75,15 +75,15 @@ class SAPResNet(ResNet):
                 convert_to_stochastic_pooling(self, self.sap_keep_prob, include=shortcut_pools)
         self._make_global_pool_stochastic()
 
-    def _make_global_pool_stochastic(self) -> None:
-        if not self.sap_global_pool:
-            return
-        pool_type = self.global_pool.pool_type.lower()
-        if pool_type and pool_type not in _AVG_POOL_TYPES:
+    def _check_global_pool_type(self, pool_type: str) -> None:
+        if self.sap_global_pool and pool_type and pool_type.lower() not in _AVG_POOL_TYPES:
             raise ValueError(f"{type(self).__name__} with sap_global_pool=True needs an average global pool "
                              f"({', '.join(map(repr, _AVG_POOL_TYPES))}), got global_pool={pool_type!r}; "
                              f"use global_pool='avg' or sap_global_pool=False")
-        if pool_type:
+
+    def _make_global_pool_stochastic(self) -> None:
+        self._check_global_pool_type(self.global_pool.pool_type)
+        if self.sap_global_pool and self.global_pool.pool_type:
             convert_to_stochastic_pooling(self.global_pool, self.sap_keep_prob)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -92,7 +92,13 @@ class SAPResNet(ResNet):
         Args:
             num_classes: Number of classes of the new classifier (0 for none).
             global_pool: Global pooling type, current pooling is kept if None.
+
+        Raises:
+            ValueError: A ``global_pool`` type without average pooling while
+                ``sap_global_pool`` is set; the head is then left unchanged.
         """
+        if global_pool is not None:
+            self._check_global_pool_type(global_pool)  # before the head is replaced
         super().reset_classifier(num_classes, global_pool)
         self._make_global_pool_stochastic()
 

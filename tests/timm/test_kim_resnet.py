@@ -138,6 +138,12 @@ def test_keep_prob_options_and_bad_pool_types():
         is StochasticAdaptiveAvgPool2d
     with pytest.raises(ValueError, match="global_pool='max'"):
         timm.create_model("resnet18_sap", global_pool="max")
+    model = timm.create_model("resnet18_sap", num_classes=5)
+    with pytest.raises(ValueError, match="global_pool='catavgmax'"):
+        model.reset_classifier(3, "catavgmax")
+    assert model.fc.out_features == 5 and isinstance(model.global_pool.pool, StochasticAdaptiveAvgPool2d)
+    plain_head = timm.create_model("resnet18_sap", global_pool="max", sap_global_pool=False)
+    assert not _stochastic(plain_head)
     with pytest.raises(ValueError, match=r"keep_prob must be in \(0, 1\]"):
         timm.create_model("resnet18_sap", sap_keep_prob=0.0)
     # keep_prob = 1 in training is the plain network exactly
