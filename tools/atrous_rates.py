@@ -131,7 +131,7 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
     rule_full = resolution_aware_rates(crop, stride, num_rates=n, kappa=kappa)
     rule_here = resolution_aware_rates(size, stride, num_rates=n, kappa=kappa)
     lo, hi = args.r_max
-    candidates = [r for r in range(lo, hi + 1) if _valid(ladder(r, n))]
+    candidates = [r for r in range(lo, hi + 1, args.r_max_step) if _valid(ladder(r, n))]
     if not candidates:
         raise SystemExit(f"no r_max in [{lo}, {hi}] gives {n} distinct rates")
     mean, std, pix_scale = segmentor_norm(cfg)
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true", help="ERF-coverage sweep over r_max (needs a config)")
     p.add_argument("--r-max", type=int, nargs=2, default=(2, 64), metavar=("LO", "HI"),
                    help="r_max range of the search, inclusive (default 2 64)")
+    p.add_argument("--r-max-step", type=int, default=1, help="r_max step of the search (default 1)")
     p.add_argument("--search-size", type=int, nargs="+", help="search at this input H [W] (default: the crop)")
     p.add_argument("--grid", type=int, default=3, help="output positions per axis (default 3)")
     p.add_argument("--threshold", type=float, default=0.01, help="coverage level, fraction of the max (0.01)")

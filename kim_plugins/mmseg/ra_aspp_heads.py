@@ -52,6 +52,7 @@ __all__ = [
     "RAEncoderDecoder",
     "infer_head_output_stride",
     "resolve_auto_dilations",
+    "set_aspp_dilations",
 ]
 
 _INFER = "infer"
@@ -134,6 +135,48 @@ class RADepthwiseSeparableASPPHead(ResolutionAwareDilationsMixin, DepthwiseSepar
     plus those of :class:`ResolutionAwareDilationsMixin`. The stride is that of
     the ASPP input (``in_index``), not of the ``c1`` skip feature.
     """
+
+
+def set_aspp_dilations(head: ASPPHead, dilations: Sequence[int]) -> Tuple[int, ...]:
+    """Change the atrous rates of a built ASPP head in place, keeping its weights.
+
+    A 3x3 convolution's weight does not depend on its dilation, so the rates
+    of ``ASPPHead`` / ``DepthwiseSeparableASPPHead`` (and subclasses) can be
+    changed without rebuilding; the ERF search of ``tools/atrous_rates.py``
+    uses this to compare rates on one set of weights. mmseg builds a rate-1
+    branch as a 1x1 convolution, so a branch cannot change to or from rate 1.
+
+    Args:
+        head: A built ASPP head.
+        dilations: New rates, one per ASPP branch.
+
+    Returns:
+        The new rates (also stored in ``head.dilations``).
+
+    Raises:
+        ValueError: wrong number of rates, or a change to/from rate 1.
+    """
+    rates = resolve_dilations(tuple(dilations))
+    branches = head.aspp_modules
+    old = tuple(head.dilations)
+    if len(rates) != len(branches):
+        raise ValueError(f"{type(head).__name__} has {len(branches)} ASPP branches {old}, got {len(rates)} "
+                         f"rates {rates}")
+    for i, (o, n) in enumerate(zip(old, rates)):
+        if (o == 1) != (n == 1):
+            raise ValueError(f"branch {i} of {type(head).__name__} has rate {o} and cannot take rate {n} in place "
+                             f"(mmseg builds rate 1 as a 1x1 conv): rebuild the head with dilations={rates}")
+    for branch, n in zip(branches, rates):
+        if n == 1:
+            continue
+        convs = [m for m in branch.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        if len(convs) != 1:
+            raise ValueError(f"unexpected ASPP branch {type(branch).__name__}: {len(convs)} 3x3 convs")
+        convs[0].dilation = (n, n)
+        convs[0].padding = (n, n)
+    head.dilations = rates
+    branches.dilations = rates
+    return rates
 
 
 def _select_head_input(feats: Sequence[torch.Tensor], head_cfg: Dict[str, Any]) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_atrous_rates_tool_config_measures_stride(capsys):
 
 
 def test_atrous_rates_search(tmp_path):
-    out = _tool("atrous_rates").main([UNET_RA, "--search", "--search-size", "24", "--r-max", "4", "7",
+    out = _tool("atrous_rates").main([UNET_RA, "--search", "--search-size", "32", "--r-max", "4", "7",
                                       "--grid", "2", "--num-images", "1", "--batch-size", "4",
                                       "--out-dir", str(tmp_path), "--cfg-options",
                                       "model.backbone.base_channels=4", "model.decode_head.in_channels=4",
@@ -73,7 +73,7 @@ def test_atrous_rates_search(tmp_path):
                                       "model.auxiliary_head.channels=4"])
     s = out["search"]
     assert [d["r_max"] for d in s["results"]] == [5, 6, 7]  # r_max=4 gives (1, 1, 3, 4): not distinct
-    assert s["rule_rates_at_search_size"] == [1, 4, 8, 12] and s["rule_rates_full"] == [1, 21, 43, 64]
+    assert s["rule_rates_at_search_size"] == [1, 5, 11, 16] and s["rule_rates_full"] == [1, 21, 43, 64]
     assert all(0.0 < d["coverage"] <= 1.0 for d in s["results"])
     assert s["weights"].startswith("untrained")
     for p in out["paths"].values():
