@@ -1,0 +1,57 @@
+"""Pieces shared by the command-line tools (``tools/train.py``, ``tools/test.py``, ``tools/benchmark.py``).
+
+Checkpoint trust policy (torch >= 2.6 loads with ``weights_only=True``):
+a checkpoint written by mmengine's runner pickles its message hub
+(``HistoryBuffer``, numpy scalars, ``builtins.getattr``), so safe loading
+refuses it. Resuming one's own run is trusted automatically
+(:mod:`kim_plugins.mmseg.resume`). Loading one as weights
+(``tools/test.py CONFIG CKPT``, ``load_from``) stays safe by default: the
+user opts in with ``--trust-checkpoint`` for a file they trust (their own
+work dir), which scopes full unpickling to exactly that file through
+:func:`~kim_plugins.mmseg.resume.trust_local_checkpoint`. Without the flag the
+weights-only error is re-raised with a message naming the flag.
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+from typing import Iterator, Optional
+
+from .resume import trust_local_checkpoint
+
+__all__ = ["TRUST_FLAG", "checkpoint_loading"]
+
+TRUST_FLAG = "--trust-checkpoint"
+
+
+@contextlib.contextmanager
+def checkpoint_loading(path: Optional[str], trusted: bool) -> Iterator[None]:
+    """Run a block that loads ``path`` (``load_from``), trusted or with an explained refusal.
+
+    Args:
+        path: The checkpoint the block loads (``None``: nothing to load).
+        trusted: The user passed ``--trust-checkpoint``: fully unpickle exactly ``path``.
+
+    Raises:
+        pickle.UnpicklingError: Safe loading refused a file and ``trusted`` is
+            False; the message names ``--trust-checkpoint`` (the original error
+            is chained).
+    """
+    if not path:
+        yield
+        return
+    if trusted:
+        with trust_local_checkpoint(path):
+            yield
+        return
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        raise pickle.UnpicklingError(
+            f"torch's safe (weights-only) loading refused the checkpoint {path!r}: a checkpoint "
+            f"written by mmengine's runner also pickles its training state (message hub, numpy "
+            f"scalars). If you trust this file (e.g. your own run's work_dir), pass {TRUST_FLAG}; "
+            f"it unpickles exactly this file and nothing else. Original error: "
+            f"{str(err).splitlines()[0]}") from err

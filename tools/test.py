@@ -1,0 +1,136 @@
+"""Test (and evaluate) a segmentor: mmseg's ``tools/test.py`` with kim_plugins loaded, on GPUs or CPUs.
+
+Same command line as mmsegmentation 1.2.2's ``tools/test.py``::
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out DIR] [--show]
+        [--show-dir DIR] [--wait-time S] [--cfg-options KEY=VALUE ...]
+        [--launcher none|pytorch|slurm|mpi] [--tta]
+
+plus:
+
+- ``--trust-checkpoint``: a checkpoint written by mmengine's runner (every
+  ``iter_*.pth`` of your own runs) also pickles training state, which torch
+  >= 2.6's safe loading refuses. Pass this flag for a file you trust; it
+  unpickles exactly that file (``kim_plugins.mmseg.cli``). Without it the
+  load stays safe and a refusal is reported with the flag named.
+- ``--tiny DATA_ROOT``: evaluate on a small dataset in the config's layout
+  with the same shrinking as ``tools/train.py --tiny`` (crop ``--tiny-crop``).
+
+The metrics are written, as by mmseg, to ``WORK_DIR/<timestamp>/<timestamp>.json``,
+which ``tools/summarize.py`` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+from typing import List, Optional
+
+from mmengine.config import Config, DictAction
+
+_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import kim_plugins.mmseg  # noqa: E402,F401  registrations, config or not
+import kim_plugins.mmseg.distributed  # noqa: E402,F401  CPU-capable launch
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MMSeg test (and eval) a model, kim_plugins loaded")
+    parser.add_argument("config", help="test config file path")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("--work-dir", help="if specified, the evaluation metric results will be dumped into the "
+                                           "directory as json")
+    parser.add_argument("--out", type=str, help="the directory to save output prediction for offline evaluation")
+    parser.add_argument("--show", action="store_true", help="show prediction results")
+    parser.add_argument("--show-dir", help="directory where painted images will be saved (under "
+                                           "work_dir/timestamp/show_dir)")
+    parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override some settings in the used config (xxx=yyy, as in mmseg)")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                        help="job launcher")
+    parser.add_argument("--tta", action="store_true", help="Test time augmentation")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle CHECKPOINT (a runner checkpoint you trust, e.g. from your own work_dir)")
+    parser.add_argument("--tiny", metavar="DATA_ROOT",
+                        help="evaluate on the (small) dataset at DATA_ROOT with tools/train.py --tiny's shrinking")
+    parser.add_argument("--tiny-crop", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
+                        help="crop size of a --tiny run (default 64 64)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> Config:
+    """Turn on mmseg's SegVisualizationHook for --show / --show-dir (as mmseg does)."""
+    default_hooks = cfg.default_hooks
+    if "visualization" not in default_hooks:
+        raise RuntimeError("--show/--show-dir need a visualization hook in default_hooks, e.g. "
+                           "default_hooks.visualization=dict(type='SegVisualizationHook')")
+    hook = default_hooks["visualization"]
+    hook["draw"] = True
+    if args.show:
+        hook["show"] = True
+        hook["wait_time"] = args.wait_time
+    if args.show_dir:
+        cfg.visualizer["save_dir"] = args.show_dir
+    return cfg
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config mmseg's test.py would run, with ``--tiny`` and the CPU launch applied."""
+    from kim_plugins.mmseg.distributed import setup_launch
+    from kim_plugins.testing.tiny import tiny_config
+
+    cfg = Config.fromfile(args.config)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir", None) is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.tiny:
+        cfg = tiny_config(cfg, args.tiny, cfg.work_dir, crop_size=tuple(args.tiny_crop))
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+    if args.tta:
+        if cfg.get("tta_pipeline") is None or cfg.get("tta_model") is None:
+            raise ValueError(f"--tta needs tta_pipeline and tta_model in the config {args.config}")
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is not None:
+        cfg.test_evaluator["output_dir"] = args.out
+        cfg.test_evaluator["keep_results"] = True
+    setup_launch(cfg)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None):
+    """Test; returns the metrics dict of ``Runner.test``."""
+    from mmengine.runner import Runner
+
+    from kim_plugins.mmseg.cli import checkpoint_loading
+
+    args = parse_args(argv)
+    if not osp.isfile(args.checkpoint) and "://" not in args.checkpoint:
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    cfg = build_config(args)
+    runner = Runner.from_cfg(cfg)
+    with checkpoint_loading(args.checkpoint, args.trust_checkpoint):
+        return runner.test()
+
+
+if __name__ == "__main__":
+    main()
