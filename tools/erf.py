@@ -13,6 +13,8 @@ Examples::
     python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py \\
         --num-images 4 --out-dir work_dirs/erf
     python tools/erf.py my_config.py --checkpoint iter_40000.pth --images data/STARE/images/validation
+    python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3_4xb4-40k_stare-128x128.py \
+        configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py --name stare  # side by side
 
 Without ``--images`` the images are a synthetic dataset fixture (smooth random
 colour fields, :mod:`kim_plugins.testing.dataset_fixtures`). Nothing is
@@ -21,7 +23,9 @@ pretrained weights; without ``--checkpoint`` the weights are an untrained
 initialisation, and the outputs say so.
 
 Writes ``<out-dir>/<name>_erf.png`` (heatmap, linear and log scale, with the
-50 % / 90 % mass squares) and ``<out-dir>/<name>_erf.json`` (numbers).
+50 % / 90 % mass squares) and ``<out-dir>/<name>_erf.json`` (numbers) per model,
+and with several models ``<out-dir>/<name>_erf_compare.png`` (log heatmaps side
+by side, on the same images).
 """
 from __future__ import annotations
 
@@ -234,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("model", help="timm model name (e.g. resnet50) or an mmseg config file (.py)")
+    p.add_argument("models", nargs="+", metavar="model",
+                   help="timm model name (e.g. resnet50) or mmseg config file (.py); several: also a side-by-side "
+                        "comparison <name or 'compare'>_erf_compare.png on the same images")
     p.add_argument("--checkpoint", help="weights: timm checkpoint_path or mmseg checkpoint (.pth)")
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
     p.add_argument("--fixture", help="dataset fixture to use without --images (default: from the config)")
@@ -244,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position", type=float, nargs=2, default=(0.5, 0.5), metavar=("FY", "FX"),
                    help="fractional position of the output unit (default: centre 0.5 0.5)")
     p.add_argument("--out-dir", default="work_dirs/erf", help="output folder (default work_dirs/erf)")
-    p.add_argument("--name", help="output file stem (default: from the model)")
+    p.add_argument("--name", help="output file stem (default: from the model; 'compare' for the comparison)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--cfg-options", nargs="+", action=_DictAction, default=None,
@@ -260,6 +266,24 @@ class _DictAction(argparse.Action):
         DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
+def plot_comparison(maps: Sequence[np.ndarray], titles: Sequence[str], suptitle: str, path: str) -> None:
+    """Side-by-side heatmaps of several normalised ERFs (ERF / max, square-root colour scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.6 * len(maps), 4.6), constrained_layout=True,
+                             squeeze=False)
+    for ax, erf, title in zip(axes[0], maps, titles):
+        im = ax.imshow(erf / erf.max(), cmap="inferno", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="ERF / max (square-root scale)")
+    fig.suptitle(suptitle, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     from kim_plugins.layers.erf import effective_receptive_field
@@ -268,25 +292,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        setup = prepare(args, tmp)
-    res = effective_receptive_field(setup["model"], setup["images"], position=tuple(args.position),
-                                    batch_size=args.batch_size, progress=True)
-    name = args.name or os.path.splitext(os.path.basename(args.model))[0]
     os.makedirs(args.out_dir, exist_ok=True)
-    numbers = res.numbers()
-    numbers.update(model=args.model, kind=setup["kind"], weights=setup["weights"], images=setup["source"],
-                   seconds=round(time.perf_counter() - t0, 2))
-    json_path = os.path.join(args.out_dir, f"{name}_erf.json")
-    png_path = os.path.join(args.out_dir, f"{name}_erf.png")
-    with open(json_path, "w") as f:
-        json.dump(numbers, f, indent=2)
-    plot_erf(res.erf.cpu().numpy(), numbers, f"ERF of {name} at {setup['size'][0]}x{setup['size'][1]} "
-             f"({setup['weights']})", png_path)
-    print(json.dumps({k: numbers[k] for k in ("sigma_y", "sigma_x", "r2", "side_50", "side_90", "seconds")}))
-    print(f"wrote {png_path} and {json_path}")
-    return dict(numbers=numbers, png=png_path, json=json_path)
+    runs = []
+    for model in args.models:
+        t0 = time.perf_counter()
+        args.model = model
+        with tempfile.TemporaryDirectory() as tmp:
+            setup = prepare(args, tmp)
+        res = effective_receptive_field(setup["model"], setup["images"], position=tuple(args.position),
+                                        batch_size=args.batch_size, progress=True)
+        name = args.name if args.name and len(args.models) == 1 else os.path.splitext(os.path.basename(model))[0]
+        numbers = res.numbers()
+        numbers.update(model=model, kind=setup["kind"], weights=setup["weights"], images=setup["source"],
+                       seconds=round(time.perf_counter() - t0, 2))
+        json_path = os.path.join(args.out_dir, f"{name}_erf.json")
+        png_path = os.path.join(args.out_dir, f"{name}_erf.png")
+        with open(json_path, "w") as f:
+            json.dump(numbers, f, indent=2)
+        size = f"{setup['size'][0]}x{setup['size'][1]}"
+        plot_erf(res.erf.cpu().numpy(), numbers, f"ERF of {name} at {size} ({setup['weights']})", png_path)
+        print(json.dumps({k: numbers[k] for k in ("sigma_y", "sigma_x", "r2", "side_50", "side_90", "seconds")}))
+        print(f"wrote {png_path} and {json_path}")
+        runs.append(dict(numbers=numbers, png=png_path, json=json_path, erf=res.erf.cpu().numpy(), name=name,
+                         size=size, model=setup["model"], weights=setup["weights"]))
+    out: Dict[str, Any] = {k: runs[0][k] for k in ("numbers", "png", "json")}
+    out["runs"] = [{k: r[k] for k in ("numbers", "png", "json")} for r in runs]
+    if len(runs) > 1:
+        titles = []
+        for r in runs:
+            rates = getattr(getattr(r["model"], "decode_head", None), "dilations", None)
+            titles.append(f"{r['name']}\n{r['size']}" + (f", dilations={tuple(rates)}" if rates else ""))
+        path = os.path.join(args.out_dir, f"{args.name or 'compare'}_erf_compare.png")
+        plot_comparison([r["erf"] for r in runs], titles, f"ERF of the centre output unit ({runs[0]['weights']}, "
+                        f"{runs[0]['numbers']['num_images']} images)", path)
+        print(f"wrote {path}")
+        out["compare_png"] = path
+    return out
 
 
 if __name__ == "__main__":

@@ -231,3 +231,13 @@ def test_tiny_train_and_eval(path, fixture_root, tmp_path):
     assert metrics and all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     expected = {"cityscapes": "mIoU", "isaid": "mIoU"}.get(name, "mDice")
     assert expected in metrics
+
+
+@pytest.mark.parametrize("head_type, extra", [("SEASPPHead", {}),
+                                              ("SEDepthwiseSeparableASPPHead", dict(c1_in_channels=0,
+                                                                                    c1_channels=0))])
+def test_scale_equalized_aspp_heads_resolve_auto_through_the_same_mixin(head_type, extra):
+    head = MODELS.build(dict(type=head_type, dilations="auto", crop_size=(512, 1024), output_stride=8,
+                             **extra, **HEAD))
+    assert isinstance(head, ResolutionAwareDilationsMixin)
+    assert head.dilations == resolution_aware_rates((512, 1024), 8) and _aspp_dilations(head) == head.dilations
