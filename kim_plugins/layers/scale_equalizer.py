@@ -53,6 +53,7 @@ __all__ = [
     "BorderCorrectedConv2d",
     "bilinear_upsampling_variance_ratio",
     "merge_moments",
+    "forked_rng",
 ]
 
 SE_MODES = ("dataset", "batch")
@@ -228,8 +229,8 @@ def _is_stochastic_regulariser(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _forked_rng(devices: Sequence[torch.device]) -> Iterator[None]:
-    """Restore the torch (CPU + CUDA), numpy and python RNG states on exit."""
+def forked_rng(devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Restore the torch (CPU + the given CUDA devices), numpy and python RNG states on exit."""
     cuda_ids = sorted({d.index if d.index is not None else torch.cuda.current_device()
                        for d in devices if d.type == "cuda"})
     np_state = np.random.get_state()
@@ -343,7 +344,7 @@ def calibrate_scale_equalizers(model: nn.Module, batches: Iterable[Any], *,
     params_rg = [(p, p.requires_grad) for p in model.parameters()]
     success = False
     try:
-        with _forked_rng(devices):
+        with forked_rng(devices):
             model.train()
             for m in model.modules():
                 if is_stochastic(m):

@@ -21,7 +21,7 @@ from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 from torch.utils.data import DataLoader, Sampler
 
-from kim_plugins.layers.scale_equalizer import ScaleEqualizer, calibrate_scale_equalizers
+from kim_plugins.layers.scale_equalizer import ScaleEqualizer, calibrate_scale_equalizers, forked_rng
 
 __all__ = ["ScaleEqualizerCalibrationHook", "mmseg_calibration_forward"]
 
@@ -117,7 +117,9 @@ class ScaleEqualizerCalibrationHook(Hook):
                                f"(resumed / loaded checkpoint); calibration skipped")
             return
         loader = self._loader(runner.train_dataloader)
-        batches = list(itertools.islice(iter(loader), self.num_batches))
+        devices = list({p.device for p in model.parameters()})
+        with forked_rng(devices):  # loading draws from the RNGs (augmentation, worker seeds): restore them
+            batches = list(itertools.islice(iter(loader), self.num_batches))
 
         runner.logger.info(f"ScaleEqualizerCalibrationHook: calibrating {len(ses)} equalizers on "
                            f"{len(batches)} batches per rank")

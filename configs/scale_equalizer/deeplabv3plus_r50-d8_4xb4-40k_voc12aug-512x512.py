@@ -1,0 +1,4 @@
+# Baseline of a scale-equalizer pair (arXiv 2402.01149): mmseg's own config, unchanged.
+# Its pair: deeplabv3plus-se_r50-d8_4xb4-40k_voc12aug-512x512.py
+_base_ = ['mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-40k_voc12aug-512x512.py']
+custom_imports = dict(imports=['kim_plugins.mmseg'], allow_failed_imports=False)
