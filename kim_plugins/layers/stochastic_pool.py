@@ -427,6 +427,8 @@ class StochasticAvgPool2d(nn.AvgPool2d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training and not self.same_padding:
+            return super().forward(input)  # eval: literally nn.AvgPool2d
         return stochastic_avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                      self.count_include_pad, self.divisor_override, self.keep_prob,
                                      self.training, self.same_padding)
@@ -487,7 +489,10 @@ class StochasticAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         self.flatten = bool(flatten)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out = stochastic_adaptive_avg_pool2d(input, self.output_size, self.keep_prob, self.training)
+        if self.training:
+            out = stochastic_adaptive_avg_pool2d(input, self.output_size, self.keep_prob)
+        else:
+            out = super().forward(input)  # eval: literally nn.AdaptiveAvgPool2d
         return out.flatten(1) if self.flatten else out
 
     def extra_repr(self) -> str:
@@ -533,6 +538,8 @@ class StochasticAvgPool1d(nn.AvgPool1d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)  # eval: literally nn.AvgPool1d
         return stochastic_avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                      self.count_include_pad, self.keep_prob, self.training)
 
@@ -556,7 +563,9 @@ class StochasticAdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return stochastic_adaptive_avg_pool1d(input, self.output_size, self.keep_prob, self.training)
+        if not self.training:
+            return super().forward(input)  # eval: literally nn.AdaptiveAvgPool1d
+        return stochastic_adaptive_avg_pool1d(input, self.output_size, self.keep_prob)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", keep_prob={self.keep_prob}"
