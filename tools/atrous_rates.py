@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import tempfile
@@ -48,12 +47,7 @@ try:  # run from a source checkout without installing
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kim_plugins.layers.atrous import normalize_crop_size, resolution_aware_rates  # noqa: E402
-
-
-def ladder(r_max: int, num_rates: int) -> Tuple[int, ...]:
-    """The rule's ladder shape for a given r_max: (1, round(r_max * i / (n - 1)), ...)."""
-    return (1,) + tuple(int(math.floor(r_max * i / (num_rates - 1) + 0.5)) for i in range(1, num_rates))
+from kim_plugins.layers.atrous import normalize_crop_size, rate_ladder, resolution_aware_rates  # noqa: E402
 
 
 def _valid(rates: Sequence[int]) -> bool:
@@ -131,7 +125,7 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
     rule_full = resolution_aware_rates(crop, stride, num_rates=n, kappa=kappa)
     rule_here = resolution_aware_rates(size, stride, num_rates=n, kappa=kappa)
     lo, hi = args.r_max
-    candidates = [r for r in range(lo, hi + 1, args.r_max_step) if _valid(ladder(r, n))]
+    candidates = [r for r in range(lo, hi + 1, args.r_max_step) if _valid(rate_ladder(r, n))]
     if not candidates:
         raise SystemExit(f"no r_max in [{lo}, {hi}] gives {n} distinct rates")
     mean, std, pix_scale = segmentor_norm(cfg)
@@ -150,20 +144,23 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
     from mmengine.utils import ProgressBar
     bar = ProgressBar(len(candidates))
     for r in candidates:
-        rates = set_aspp_dilations(head, ladder(r, n))
+        rates = set_aspp_dilations(head, rate_ladder(r, n))
         maps = erf_maps(model, images, positions=positions, batch_size=args.batch_size)
         cov = erf_coverage(maps, threshold=args.threshold)
         centre = erf_maps(model, images, positions=[(0.5, 0.5)], batch_size=args.batch_size) \
             if args.grid % 2 == 0 else maps[len(positions) // 2][None]
+        extra = {f"coverage@{t:g}": float(erf_coverage(maps, threshold=t).mean()) for t in args.also_thresholds}
         results.append(dict(r_max=r, rates=list(rates), coverage=float(cov.mean()),
                             coverage_min=float(cov.min()), coverage_max=float(cov.max()),
-                            centre_coverage=float(erf_coverage(centre[0], threshold=args.threshold))))
+                            centre_coverage=float(erf_coverage(centre[0], threshold=args.threshold)), **extra))
         bar.update()
     print()
     best = max(results, key=lambda d: (d["coverage"], -d["r_max"]))
     best_centre = max(results, key=lambda d: (d["centre_coverage"], -d["r_max"]))
     rule_r = rule_here[-1]
     step = rule_r / (n - 1)
+    best_at = {f"coverage@{t:g}": max(results, key=lambda d, k=f"coverage@{t:g}": (d[k], -d["r_max"]))["r_max"]
+               for t in args.also_thresholds}
     agree = abs(best["r_max"] - rule_r) <= step
     out = dict(config=args.config, weights=f"checkpoint {args.checkpoint}" if args.checkpoint else
                "untrained (random initialisation)", images=source, num_images=len(files),
@@ -171,7 +168,8 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
                grid=args.grid, threshold=args.threshold, rule_rates_full=list(rule_full),
                rule_rates_at_search_size=list(rule_here), search_best_r_max=best["r_max"],
                search_best_rates=best["rates"], search_best_r_max_scaled_to_crop=round(best["r_max"] / scale, 1),
-               centre_only_best_r_max=best_centre["r_max"], ladder_step=step, agree_within_one_step=agree,
+               centre_only_best_r_max=best_centre["r_max"], best_r_max_at_other_thresholds=best_at,
+               ladder_step=step, agree_within_one_step=agree,
                seconds=round(time.perf_counter() - t0, 1), results=results)
     return out
 
@@ -210,7 +208,8 @@ def write_search(out: Dict[str, Any], out_dir: str, name: str) -> Dict[str, str]
     plt.close(fig)
     table = format_table([dict(r_max=d["r_max"], rates=str(tuple(d["rates"])), coverage=d["coverage"],
                                coverage_min=d["coverage_min"], coverage_max=d["coverage_max"],
-                               centre_coverage=d["centre_coverage"]) for d in res])
+                               centre_coverage=d["centre_coverage"],
+                               **{k: v for k, v in d.items() if k.startswith("coverage@")}) for d in res])
     summary = {k: v for k, v in out.items() if k != "results"}
     md = [f"# Atrous-rate search: {name}", "", "```json", json.dumps(summary, indent=2), "```", "", table, ""]
     with open(stem + ".md", "w") as f:
@@ -238,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-size", type=int, nargs="+", help="search at this input H [W] (default: the crop)")
     p.add_argument("--grid", type=int, default=3, help="output positions per axis (default 3)")
     p.add_argument("--threshold", type=float, default=0.01, help="coverage level, fraction of the max (0.01)")
+    p.add_argument("--also-thresholds", type=float, nargs="*", default=[0.05, 0.1],
+                   help="further coverage levels reported beside the main one (default 0.05 0.1)")
     p.add_argument("--num-images", type=int, default=2, help="images per ERF (default 2)")
     p.add_argument("--batch-size", type=int, default=9, help="(image, position) pairs per backward (default 9)")
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")

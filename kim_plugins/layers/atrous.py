@@ -36,6 +36,7 @@ import torch
 __all__ = [
     "REFERENCE_RATES",
     "resolution_aware_rates",
+    "rate_ladder",
     "resolve_dilations",
     "measure_output_stride",
     "normalize_crop_size",
@@ -82,6 +83,20 @@ def _check_output_stride(output_stride: object) -> int:
     return int(output_stride)
 
 
+def rate_ladder(r_max: int, num_rates: int = 4) -> Tuple[int, ...]:
+    """The rule's ladder for a given largest rate: ``(1, round(r_max * i / (n - 1)) for i = 1 .. n-1)``.
+
+    Rounding is half up. The result is not checked for being strictly
+    increasing (:func:`resolution_aware_rates` does that); the ERF search of
+    ``tools/atrous_rates.py`` sweeps ``r_max`` through this function.
+    """
+    if isinstance(num_rates, bool) or not isinstance(num_rates, numbers.Integral) or num_rates < 2:
+        raise ValueError(f"num_rates must be an int >= 2 (the ladder starts at 1 and ends at r_max), "
+                         f"got {num_rates!r}")
+    n = int(num_rates)
+    return (1,) + tuple(int(math.floor(r_max * i / (n - 1) + 0.5)) for i in range(1, n))
+
+
 def resolution_aware_rates(crop_size: CropSize, output_stride: int, num_rates: int = 4,
                            kappa: float = 0.5) -> Tuple[int, ...]:
     """Atrous rates for an ASPP head from the training crop and the feature stride.
@@ -115,15 +130,13 @@ def resolution_aware_rates(crop_size: CropSize, output_stride: int, num_rates: i
     """
     hw = normalize_crop_size(crop_size)
     stride = _check_output_stride(output_stride)
-    if isinstance(num_rates, bool) or not isinstance(num_rates, numbers.Integral) or num_rates < 2:
-        raise ValueError(f"num_rates must be an int >= 2 (the ladder starts at 1 and ends at r_max), "
-                         f"got {num_rates!r}")
+    rate_ladder(1, num_rates)  # validates num_rates
     if not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) or kappa <= 0:
         raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}")
     feat = math.ceil(min(hw) / stride)
     r_max = max(1, math.floor(kappa * feat))
     n = int(num_rates)
-    rates = (1,) + tuple(int(math.floor(r_max * i / (n - 1) + 0.5)) for i in range(1, n))
+    rates = rate_ladder(r_max, n)
     if any(b <= a for a, b in zip(rates, rates[1:])):
         raise ValueError(
             f"crop_size={crop_size!r} with output_stride={stride} gives a {feat}-pixel feature map and "

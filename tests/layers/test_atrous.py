@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from kim_plugins.layers.atrous import (measure_output_stride, normalize_crop_size,
+from kim_plugins.layers.atrous import (measure_output_stride, normalize_crop_size, rate_ladder,
                                        resolution_aware_rates, resolve_dilations)
 
 
@@ -127,3 +127,15 @@ def test_measure_output_stride():
         measure_output_stride(lambda x: x[..., ::2, ::4], 32)
     with pytest.raises(ValueError, match="larger than the crop"):
         measure_output_stride(lambda x: torch.zeros(1, 1, 64, 64), 32)
+
+
+def test_rate_ladder_is_the_rules_shape():
+    assert rate_ladder(36) == (1, 12, 24, 36)  # mmseg's reference ladder is this shape
+    assert rate_ladder(32) == (1, 11, 21, 32)
+    assert rate_ladder(4) == (1, 1, 3, 4)       # not checked for distinct rates here
+    assert rate_ladder(10, num_rates=6) == (1, 2, 4, 6, 8, 10)
+    for side, stride in [((512, 1024), 8), (128, 1), (896, 8)]:
+        rates = resolution_aware_rates(side, stride)
+        assert rate_ladder(rates[-1]) == rates
+    with pytest.raises(ValueError, match="num_rates"):
+        rate_ladder(10, num_rates=1)
