@@ -84,6 +84,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> Config:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's test.py would run, with ``--tiny`` and the CPU launch applied."""
+    from kim_plugins.mmseg.cli import fresh_visualizer_name
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -113,6 +114,7 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.out is not None:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True
+    fresh_visualizer_name(cfg)
     setup_launch(cfg)
     return cfg
 

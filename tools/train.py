@@ -69,6 +69,7 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's train.py would run, with ``--tiny`` and the CPU launch applied."""
     from mmengine.logging import print_log
 
+    from kim_plugins.mmseg.cli import fresh_visualizer_name
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -97,6 +98,7 @@ def build_config(args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
+    fresh_visualizer_name(cfg)
     setup_launch(cfg)
     return cfg
 

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .resume import trust_local_checkpoint
 
-__all__ = ["TRUST_FLAG", "checkpoint_loading"]
+__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name"]
 
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -55,3 +55,24 @@ def checkpoint_loading(path: Optional[str], trusted: bool) -> Iterator[None]:
             f"scalars). If you trust this file (e.g. your own run's work_dir), pass {TRUST_FLAG}; "
             f"it unpickles exactly this file and nothing else. Original error: "
             f"{str(err).splitlines()[0]}") from err
+
+
+def fresh_visualizer_name(cfg) -> None:
+    """Give ``cfg.visualizer`` a new name if this process already built one with its name (in place).
+
+    mmseg's runtime names its visualizer ``'visualizer'``, and mmengine returns
+    an existing instance of that name — with the first run's ``save_dir``. A
+    second run in the same Python process (``tools/train.py``'s ``main`` called
+    twice, a notebook) would then log its ``vis_data/scalars.json`` into the
+    first run's work dir. A command-line run (one run per process) is unchanged.
+    """
+    import uuid
+
+    from mmseg.registry import VISUALIZERS
+
+    vis = cfg.get("visualizer")
+    if not isinstance(vis, dict) or not vis.get("name"):
+        return
+    cls = VISUALIZERS.get(vis.get("type", "Visualizer"))
+    if cls is not None and cls.check_instance_created(vis["name"]):
+        vis["name"] = f"{vis['name']}_{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,110 @@
+"""tools/train.py -> tools/test.py -> tools/summarize.py end to end on a dataset fixture."""
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import statistics
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SMOKE = os.path.join(REPO, "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
+BASE_NAME = "fcn_r18-tiny-d8_1xb2-4i_stare-32x32"
+PLUGIN_NAME = "fcn-sap_r18-tiny-d8_1xb2-4i_stare-32x32"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_root, tmp_path_factory):
+    """Two seeds of a baseline and of a plugin config, trained by tools/train.py --tiny; one tested."""
+    root = tmp_path_factory.mktemp("runs")
+    plugin_cfg = root / f"{PLUGIN_NAME}.py"
+    # the plugin: SAP in the backbone's shortcut pooling (stochastic_pooling), otherwise the smoke config
+    plugin_cfg.write_text(f"_base_ = [{SMOKE!r}]\nmodel = dict(backbone=dict(type='ResNetV1dSAP', "
+                          "sap_keep_prob=0.5))\n")
+    train = load_tool("train")
+    stare = os.path.join(fixture_root, "stare")
+    work = {}
+    for cfg, name in ((SMOKE, BASE_NAME), (str(plugin_cfg), PLUGIN_NAME)):
+        for seed in (0, 1):
+            wd = str(root / "work_dirs" / f"{name}_seed{seed}")
+            train.main([cfg, "--work-dir", wd, "--tiny", stare, "--tiny-iters", "1", "--tiny-crop", "32", "32",
+                        "--cfg-options", f"randomness.seed={seed}"])
+            work[name, seed] = wd
+    return root, work
+
+
+def _val_metrics(wd):
+    (session,) = [d for d in os.listdir(wd) if d[:8].isdigit()]
+    lines = [json.loads(x) for x in open(os.path.join(wd, session, "vis_data", "scalars.json"))]
+    return [x for x in lines if "loss" not in x][-1]
+
+
+def test_test_tool_refuses_runner_checkpoint_without_trust_flag(runs, fixture_root):
+    _, work = runs
+    wd = work[BASE_NAME, 0]
+    test = load_tool("test")
+    with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint"):
+        test.main([SMOKE, os.path.join(wd, "iter_1.pth"), "--work-dir", os.path.join(wd, "untrusted"),
+                   "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
+
+
+def test_train_test_summarize_table_from_real_outputs(runs, fixture_root, tmp_path):
+    root, work = runs
+    # tools/test.py on one checkpoint, written into the run's own work dir
+    test = load_tool("test")
+    wd = work[PLUGIN_NAME, 1]
+    metrics = test.main([str(root / f"{PLUGIN_NAME}.py"), os.path.join(wd, "iter_1.pth"), "--work-dir", wd,
+                         "--trust-checkpoint", "--tiny", os.path.join(fixture_root, "stare"),
+                         "--tiny-crop", "32", "32"])
+    assert set(metrics) >= {"aAcc", "mDice", "mAcc"}
+
+    summarize = load_tool("summarize")
+    out = str(tmp_path / "summary")
+    rows = summarize.main([str(root / "work_dirs"), "--out", out, "--metrics", "mDice", "aAcc"])
+
+    # expected rows: one pair (sap), two metrics, two seeds a side
+    assert [(r.metric, r.method, r.baseline_config, r.plugin_config) for r in rows] == [
+        ("mDice", "stochastic average pooling", BASE_NAME, PLUGIN_NAME),
+        ("aAcc", "stochastic average pooling", BASE_NAME, PLUGIN_NAME)]
+    for r in rows:
+        assert (r.dataset, r.model) == ("stare-32x32", "fcn_r18-tiny-d8")
+        assert r.baseline_seeds == [0, 1] and r.plugin_seeds == [0, 1]
+        # the numbers are the runs' own: validation for three runs, the test result for the tested one
+        expect_base = [_val_metrics(work[BASE_NAME, s])[r.metric] for s in (0, 1)]
+        expect_plugin = [_val_metrics(work[PLUGIN_NAME, 0])[r.metric], float(metrics[r.metric])]
+        assert r.baseline_values == pytest.approx(expect_base, abs=1e-6)
+        assert r.plugin_values == pytest.approx(expect_plugin, abs=1e-4)
+        assert r.delta == pytest.approx(statistics.fmean(expect_plugin) - statistics.fmean(expect_base), abs=1e-4)
+
+    md = open(out + ".md").read()
+    table = [line for line in md.splitlines() if line.startswith("| stare-32x32")]
+    assert len(table) == 2
+    b = rows[0].baseline_values
+    assert f"{statistics.fmean(b):.2f} ± {statistics.stdev(b):.2f}" in table[0]
+    with open(out + ".csv") as f:
+        got = list(csv.DictReader(f))
+    assert [g["metric"] for g in got] == ["mDice", "aAcc"]
+    assert float(got[0]["delta"]) == pytest.approx(rows[0].delta)
+    assert got[0]["baseline_seeds"] == "0,1" and got[0]["plugin_n"] == "2"
+    png = open(out + ".png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_summarize_reports_unpaired_and_missing_metric(runs, tmp_path):
+    root, work = runs
+    summarize = load_tool("summarize")
+    only_base = summarize.collect_runs([work[BASE_NAME, 0]])
+    rows, unpaired = summarize.summarize(only_base)
+    assert rows == [] and unpaired == [BASE_NAME]
+    with pytest.raises(KeyError, match="'mIoU' missing"):
+        summarize.summarize(summarize.collect_runs([str(root / "work_dirs")]), metrics=["mIoU"])
