@@ -12,7 +12,7 @@ Config::
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 from mmengine.dist import get_dist_info

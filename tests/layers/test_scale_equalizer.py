@@ -1,5 +1,4 @@
 """Tests of the scale equalizer layer, calibration and folding (arXiv 2402.01149, METHODS.md §1)."""
-import os
 import random
 
 import numpy as np
