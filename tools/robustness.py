@@ -134,16 +134,27 @@ def imagefolder_batches(root: str, model: torch.nn.Module, batch_size: int, max_
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
-    cfg = resolve_data_config(model=model)
+    cfg = resolve_data_config(args=dict(input_size=_input_size(model)), model=model)
     transform = create_transform(**cfg, is_training=False, normalize=False)
     dataset = ImageFolder(root, transform=transform)
     if max_images:
         dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return (lambda: iter(loader)), len(dataset)
+
+    def batches():
+        for x, y in loader:  # timm's un-normalised eval transform gives uint8 tensors
+            yield (x.float().div_(255.0) if x.dtype == torch.uint8 else x), y
+
+    return batches, len(dataset)
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def _input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """The model's current input size (its ``img_size``), not the pretrained cfg's 224."""
+    from timm.models import get_model_input_config
+    return tuple(get_model_input_config(model)["input_size"])
 
 
 def _normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -256,6 +267,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs them cached)")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of timm.create_model kwargs for every model")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder root")
+    p.add_argument("--fashion-mnist-dir", default=FASHION_MNIST_DIR,
+                   help="folder of the Fashion-MNIST *-ubyte.gz files (Debian package dataset-fashion-mnist)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -298,15 +311,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[float, float]]:
         else:
             provenance[name] = "UNTRAINED (random init)"
         if fashion:
-            size = tuple(model.pretrained_cfg["input_size"][1:]) if "img_size" not in model_kwargs else \
-                tuple(np.broadcast_to(model_kwargs["img_size"], 2).tolist())
+            size = _input_size(model)[1:]
             if args.train_steps:
-                train_x, train_y = load_fashion_mnist("train")
+                train_x, train_y = load_fashion_mnist("train", args.fashion_mnist_dir)
                 print(f"[{name}] brief training: {args.train_steps} steps on Fashion-MNIST train")
                 brief_train(model, train_x, train_y, size, args.train_steps, seed=args.seed)
                 provenance[name] = f"BRIEFLY TRAINED ({args.train_steps} steps on Fashion-MNIST train, from " + \
                     ("random init)" if provenance[name].startswith("UNTRAINED") else provenance[name] + ")")
-            test_x, test_y = load_fashion_mnist("test")
+            test_x, test_y = load_fashion_mnist("test", args.fashion_mnist_dir)
             if args.max_images:
                 test_x, test_y = test_x[:args.max_images], test_y[:args.max_images]
             batches, total = fashion_mnist_batches(test_x, test_y, size, args.batch_size), len(test_y)

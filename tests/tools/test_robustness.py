@@ -1,0 +1,90 @@
+"""tools/robustness.py: the contrast change against its formula, and end-to-end runs on tiny data."""
+import gzip
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+_SPEC = importlib.util.spec_from_file_location(
+    "robustness", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "robustness.py"))
+robustness = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(robustness)
+
+TINY = '{"img_size": 32, "depth": 1, "num_classes": 3}'
+
+
+def test_contrast_change_formula():
+    torch.manual_seed(0)
+    x = 0.4 + 0.2 * torch.rand(2, 3, 5, 7)  # no clipping for these factors
+    for c in (0.05, 0.4, 1.0, 1.5):
+        y = robustness.contrast_change(x, c)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        torch.testing.assert_close(y.mean(dim=(2, 3), keepdim=True), mean)  # per image and channel
+        torch.testing.assert_close(y - mean, c * (x - mean))
+    torch.testing.assert_close(robustness.contrast_change(x, 1.0), x)
+
+
+def test_contrast_enhancement_clips_to_unit_range():
+    x = torch.tensor([0.0, 0.25, 0.75, 1.0]).view(1, 1, 2, 2)
+    y = robustness.contrast_change(x, 4.0)  # mean 0.5: (x - 0.5) * 4 + 0.5
+    torch.testing.assert_close(y.flatten(), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_bad_factors():
+    with pytest.raises(ValueError, match="contrast factor must be >= 0, got -1"):
+        robustness.contrast_change(torch.zeros(1, 3, 2, 2), -1)
+    with pytest.raises(ValueError, match="--enhance factors must be > 1, got 0.5"):
+        robustness.severity_table([0.4], [0.5])
+    with pytest.raises(ValueError, match=r"--reduce factors must be in \[0, 1\), got 2.0"):
+        robustness.severity_table([2.0], [1.5])
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_brief_training_is_labelled(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for prefix, n in (("train", 16), ("t10k", 6)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 3, (n,)))
+    images, labels = robustness.load_fashion_mnist("test", str(data))
+    assert images.shape == (6, 28, 28) and images.dtype == torch.uint8 and labels.shape == (6,)
+    out = tmp_path / "out"
+    results = robustness.main(["--model", "vit_tiny_patch16_224", "vit_tiny_patch16_pln_224", "--model-kwargs", TINY,
+                               "--data", "fashion-mnist", "--fashion-mnist-dir", str(data), "--train-steps", "2",
+                               "--batch-size", "4", "--out-dir", str(out), "--no-progress",
+                               "--reduce", "0.4", "--enhance", "2"])
+    assert set(results) == {"vit_tiny_patch16_224", "vit_tiny_patch16_pln_224"}
+    for acc in results.values():
+        assert set(acc) == {1.0, 0.4, 2.0}
+        assert all(100 * round(a * 6 / 100) == pytest.approx(a * 6) for a in acc.values())  # k / 6 images
+    meta = json.loads((out / "robustness.json").read_text())
+    assert all(p.startswith("BRIEFLY TRAINED (2 steps") for p in meta["provenance"].values())
+    assert "BRIEFLY TRAINED" in (out / "robustness.md").read_text()
+    assert (out / "robustness.png").stat().st_size > 0
+
+
+def test_imagefolder_untrained_is_labelled(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "out"
+    results = robustness.main(["--model", "vit_small_patch16_gab_224", "--model-kwargs", TINY, "--data",
+                               str(tmp_path / "data"), "--workers", "0", "--out-dir", str(out), "--no-progress"])
+    acc = results["vit_small_patch16_gab_224"]
+    assert len(acc) == 11  # clean + 5 reductions + 5 enhancements
+    assert "UNTRAINED (random init)" in (out / "robustness.md").read_text()
+    with pytest.raises(SystemExit, match="--train-steps is a demo for --data fashion-mnist"):
+        robustness.main(["--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--train-steps", "1",
+                         "--out-dir", str(out)])
