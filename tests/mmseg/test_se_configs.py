@@ -181,3 +181,19 @@ def test_config_family_trains_and_evaluates(name, dataset, fixture_root, tmp_pat
     runner, metrics = _train(cfg)
     assert "mIoU" in metrics
     _assert_calibrated_in_checkpoint(str(tmp_path))
+
+
+def test_calibration_sampler_is_seeded_rank_strided_and_cycles():
+    g = torch.Generator().manual_seed(3)
+    stream = sum((torch.randperm(5, generator=g).tolist() for _ in range(4)), [])
+    for rank in range(2):
+        s = se_hook._CalibrationSampler(5, 7, seed=3, rank=rank, world_size=2)
+        assert list(s) == list(s) == stream[rank::2][:7] and len(s) == 7
+
+
+def test_hook_without_dataset_equalizers_only_warns():
+    messages = []
+    logger = SimpleNamespace(warning=messages.append, info=messages.append)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), ScaleEqualizer("batch"))
+    se_hook.ScaleEqualizerCalibrationHook().before_train(SimpleNamespace(model=model, logger=logger))
+    assert len(messages) == 1 and "nothing to calibrate" in messages[0]
