@@ -73,6 +73,8 @@ OFFICIAL_COUNTS = {
     ("ChaseDB1Dataset", "images/validation"): 8,
     ("HRFDataset", "images/training"): 15,
     ("HRFDataset", "images/validation"): 30,
+    ("iSAIDDataset", "img_dir/train"): 33978,  # 896x896 patches, overlap 384 (converter defaults)
+    ("iSAIDDataset", "img_dir/val"): 11644,
 }
 
 

@@ -38,10 +38,9 @@ def test_every_fixture_layout_passes_with_only_split_size_warnings(tool, fixture
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "[ERROR]" not in out
-    # fixtures are smaller than the official splits: reported, but only as warnings (except iSAID: no fixed size)
-    if name != "isaid":
-        assert "the official split has" in out
-        assert tool.main([cfg, "--data-root", os.path.join(fixture_root, name), "--no-progress", "--strict"]) == 1
+    # fixtures are smaller than the official splits: reported, but only as warnings
+    assert "the official split has" in out
+    assert tool.main([cfg, "--data-root", os.path.join(fixture_root, name), "--no-progress", "--strict"]) == 1
 
 
 def test_missing_label_wrong_suffix_and_out_of_range_values_are_each_named(tool, tmp_path, capsys):
