@@ -57,6 +57,12 @@ def compose_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Gener
         and the list of (item index, class, scale, top, left) placed, bottom to top.
     """
     h, w = size
+    largest = max(4, int(round(28 * scale_range[1])))
+    if min(h, w) < 3 * largest // 4 + 1:
+        raise ValueError(f"canvas size {tuple(size)} is too small for garments up to {largest} px "
+                         f"(scale_range={tuple(scale_range)}): each side must be at least {3 * largest // 4 + 1} px "
+                         f"(a garment may hang a quarter of its side over the border); enlarge the canvas or lower "
+                         f"scale_range")
     image = (rng.random((h, w)) * 24).astype(np.float32)  # faint background noise
     label = np.zeros((h, w), np.uint8)
     placed = []

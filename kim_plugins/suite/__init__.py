@@ -1,0 +1,29 @@
+"""The benchmark suite: every plugin against its baseline on real Fashion-MNIST data, in minutes on a CPU.
+
+``python tools/benchmark_suite.py`` (the thin CLI over :func:`run_suite`) trains
+each plugin beside its baseline with the same seed, schedule and data order,
+measures the mechanism each plugin claims and writes
+``results/<timestamp>/report.md`` with CSV files and PNG plots:
+
+- ``se``: UPerHead vs SEUPerHead and ASPPHead vs SEASPPHead on Fashion scenes
+  (:mod:`kim_plugins.suite.seg`), with the variance of every branch entering
+  each fusion;
+- ``rates``: ASPP with mmseg's rates (1, 12, 24, 36) vs resolution-aware rates
+  at two input sizes, with the ERF lattice of each;
+- ``vit``: a patch-4 ViT vs its GAB, PLN and GAB+PLN versions on Fashion-MNIST
+  (:mod:`kim_plugins.suite.cls`), with PLN's contrast-robustness curve;
+- ``sap``: ResNet-18-D vs its SAP version, with SAP's train/eval consistency.
+
+Sizes: :mod:`kim_plugins.suite.settings`; report: :mod:`kim_plugins.suite.report`.
+Nothing heavy is imported here.
+"""
+from kim_plugins.suite.settings import PAIR_GROUPS, SuiteSettings, preset
+
+__all__ = ["PAIR_GROUPS", "SuiteSettings", "preset", "SuiteOptions", "run_suite"]
+
+
+def __getattr__(name):  # lazy: the orchestration imports torch, mmseg and timm
+    if name in ("SuiteOptions", "run_suite"):
+        from kim_plugins.suite import core
+        return getattr(core, name)
+    raise AttributeError(name)

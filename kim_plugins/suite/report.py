@@ -1,0 +1,500 @@
+"""Turn the suite's :class:`~kim_plugins.suite.records.PairResult` s into report.md, CSV files and PNG plots.
+
+Every number written here comes from the run's records; nothing is typed in.
+Accuracy deltas carry their seed spread: a delta is called "not significant"
+when there is a single seed (no spread to judge it by) or when it is within
+two standard errors of the difference of the seed means,
+``2 * sqrt(s_b^2 / n_b + s_v^2 / n_v)`` (``s`` the sample standard deviation
+over seeds).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from typing import Any, Dict, List, Optional, Sequence
+
+from kim_plugins.suite.records import PairResult, RunRecord, same_fingerprints
+
+__all__ = ["summarize_pair", "significance", "write_report", "PLOTS"]
+
+#: The PNG files every full report has (a pair that did not run leaves its plot out).
+PLOTS = {"metric_bars.png": None, "se_variance.png": "se", "erf_rates.png": "rates", "robustness.png": "vit",
+         "sap_consistency.png": "sap"}
+
+DISCLAIMER = (
+    "**A short CPU run is a sanity check, not a reproduction of the papers' tables.** The papers' accuracy "
+    "effects are small (scale equalizers: +0.1 to +0.4 mIoU on ADE20K/VOC/Cityscapes) and far below the "
+    "seed-to-seed noise of a minutes-long run on tiny models, so this report leads with what such a run shows "
+    "for certain: the mechanisms. Accuracy deltas follow, each with its seed spread.")
+
+
+def _stats(values: Sequence[float]):
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else float("nan")
+    return n, mean, std
+
+
+def significance(base: Sequence[float], other: Sequence[float]) -> Dict[str, Any]:
+    """Delta of the means and its verdict against the seed spread."""
+    nb, mb, sb = _stats(base)
+    nv, mv, sv = _stats(other)
+    delta = mv - mb
+    if nb < 2 or nv < 2:
+        return dict(delta=delta, delta_se=float("nan"), verdict="not significant (1 seed: no spread)")
+    se = math.sqrt(sb ** 2 / nb + sv ** 2 / nv)
+    if abs(delta) <= 2 * se:
+        verdict = "not significant (within seed spread)"
+    else:
+        verdict = f"beyond 2 std. errors ({min(nb, nv)} seeds)"
+    return dict(delta=delta, delta_se=se, verdict=verdict)
+
+
+def summarize_pair(pr: PairResult) -> List[Dict[str, Any]]:
+    """One row per variant: mean/std over seeds, delta vs baseline and verdict, time, params, FLOPs."""
+    variants: Dict[str, List[RunRecord]] = {}
+    for r in pr.runs:
+        variants.setdefault(r.variant, []).append(r)
+    base_name = next(r.variant for r in pr.runs if r.baseline)
+    base_vals = [r.value for r in variants[base_name]]
+    rows = []
+    for name, runs in variants.items():
+        vals = [r.value for r in runs]
+        n, mean, std = _stats(vals)
+        row = dict(pair=pr.pair, variant=name, baseline=runs[0].baseline, metric=pr.metric, seeds=n, mean=mean,
+                   std=std, values=vals, train_time_s=statistics.fmean(r.train_time_s for r in runs),
+                   iters=runs[0].iters, params=runs[0].params, gflops=runs[0].gflops)
+        if runs[0].baseline:
+            row.update(delta=0.0, delta_se=float("nan"), verdict="baseline")
+        else:
+            row.update(significance(base_vals, vals))
+        row["extra"] = runs[0].extra
+        rows.append(row)
+    return rows
+
+
+def pair_checks(pr: PairResult) -> Dict[str, str]:
+    """Same data order and same initial shared parameters as the baseline, per seed."""
+    out = {}
+    by_seed: Dict[int, List[RunRecord]] = {}
+    for r in pr.runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    order_ok, init_ok = True, True
+    for seed, runs in by_seed.items():
+        base = next(r for r in runs if r.baseline)
+        for r in runs:
+            order_ok &= r.data_order == base.data_order
+            same = same_fingerprints(base.init_params, r.init_params)
+            init_ok &= same is not False
+    out["same data order and augmentation in every variant (per seed)"] = "yes" if order_ok else "**NO**"
+    out["same initial values of the shared parameters (per seed)"] = "yes" if init_ok else "**NO**"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# formatting helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else fmt.format(v)
+    return str(v)
+
+
+def _table(rows: List[Dict[str, Any]], columns: List[str], headers: Optional[List[str]] = None) -> str:
+    headers = headers or columns
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _accuracy_rows(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str, str]) -> List[Dict[str, str]]:
+    out = []
+    for pair, rows in summaries.items():
+        for r in rows:
+            value = _f(r["mean"]) if r["seeds"] == 1 else f"{_f(r['mean'])} ± {_f(r['std'])}"
+            delta = "—" if r["baseline"] else (f"{r['delta']:+.2f}" + ("" if math.isnan(r["delta_se"])
+                                                                      else f" (± {r['delta_se']:.2f})"))
+            out.append(dict(pair=pair, variant=r["variant"] + (" (baseline)" if r["baseline"] else ""),
+                            metric=f"{r['metric']} %", value=value, delta=delta, verdict=r["verdict"],
+                            time=f"{r['train_time_s']:.1f}", iters=str(r["iters"]),
+                            params=f"{r['params'] / 1e6:.3f}M", gflops=f"{r['gflops']:.3f}"))
+    return out
+
+
+ACC_COLUMNS = ["pair", "variant", "metric", "value", "delta", "verdict", "time", "iters", "params", "gflops"]
+ACC_HEADERS = ["pair", "variant", "metric", "value (mean ± std over seeds)", "Δ vs baseline (± std. err.)",
+               "significance", "train time (s)", "iters", "params", "GFLOPs/img"]
+
+
+def accuracy_table(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str, str]) -> str:
+    """The Markdown accuracy table (also printed at the end of a run)."""
+    return _table(_accuracy_rows(summaries, titles), ACC_COLUMNS, ACC_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mechanism sections
+# ---------------------------------------------------------------------------------------------------------
+
+def _se_section(prs: List[PairResult]) -> List[str]:
+    lines = ["### Scale equalizers: the variance of each branch entering a fusion",
+             "",
+             "Bilinear upsampling lowers a map's variance (i.i.d. input: x2 -> 0.39, x4 -> 0.43, limit 4/9), so "
+             "the branches a decoder concatenates or adds sit on different scales. Measured on "
+             "the first validation scenes with the model as in training (BatchNorm on batch statistics), per "
+             "operand of every fusion that takes an upsampled map: the population variance over N·C·H·W. "
+             "*start* = at initialisation (SE heads: right after the calibration hook), *end* = after training. "
+             "Spread = max / min variance among a fusion's operands (1 = scale equilibrium).",
+             ""]
+    for pr in prs:
+        var = pr.mechanism.get("variance", {})
+        names = list(var)
+        if len(names) != 2:
+            continue
+        base, se = names
+        lines += [f"**{pr.title}** (seed 0)", ""]
+        rows = []
+        bt, st = var[base]["table"], var[se]["table"]
+        for b, s in zip(bt, st):
+            rows.append(dict(fusion=b["fusion"], op_b=b["operand"], vb0=f"{b['var_start']:.4g}",
+                             vb1=f"{b['var_end']:.4g}", op_s=s["operand"], vs0=f"{s['var_start']:.4g}",
+                             vs1=f"{s['var_end']:.4g}"))
+        lines.append(_table(rows, ["fusion", "op_b", "vb0", "vb1", "op_s", "vs0", "vs1"],
+                            ["fusion", f"{base} operand", "Var start", "Var end", f"{se} operand", "Var start",
+                             "Var end"]))
+        lines.append("")
+        spread_rows = []
+        for fusion in dict.fromkeys(r["fusion"] for r in bt):
+            def spread(table, key):
+                vs = [r[key] for r in table if r["fusion"] == fusion]
+                return max(vs) / max(min(vs), 1e-30)
+            spread_rows.append(dict(fusion=fusion, b0=f"{spread(bt, 'var_start'):.2f}",
+                                    b1=f"{spread(bt, 'var_end'):.2f}", s0=f"{spread(st, 'var_start'):.2f}",
+                                    s1=f"{spread(st, 'var_end'):.2f}"))
+        lines.append(_table(spread_rows, ["fusion", "b0", "b1", "s0", "s1"],
+                            ["fusion", f"spread {base} start", "end", f"spread {se} start", "end"]))
+        eq = var[se]["equalizers"]
+        eq_rows = [dict(site=k, vin0=f"{v['var_in']:.4g}", vout0=f"{v['var_out']:.4g}",
+                        vin1=f"{eq['end'][k]['var_in']:.4g}", vout1=f"{eq['end'][k]['var_out']:.4g}")
+                   for k, v in eq["start"].items()]
+        lines += ["", f"Each equalizer of {se}, variance before -> after it:", "",
+                  _table(eq_rows, ["site", "vin0", "vout0", "vin1", "vout1"],
+                         ["site", "start: before SE", "start: after SE", "end: before SE", "end: after SE"]),
+                  "",
+                  "After calibration each equalizer's output has variance ≈ 1 on training-like batches (the "
+                  "calibration measures it on training batches, this table on validation scenes). The "
+                  "statistics are frozen after calibration (`se_mode='dataset'`), so at the end of training "
+                  "the equalized branch's variance follows the trained network, no longer exactly 1.",
+                  ""]
+    lines.append("![per-branch variance](se_variance.png)")
+    return lines
+
+
+def _erf_section(prs: List[PairResult]) -> List[str]:
+    lines = ["### Atrous rates: the ERF lattice of each rate setting",
+             "",
+             "Effective receptive field of the centre output pixel (gradient of its logits w.r.t. the input, "
+             "RGB-averaged, clipped at 0, summed over validation scenes, normalised; "
+             "`kim_plugins.layers.erf`). ASPP's ERF is a lattice: the centre plus satellites at ±rate·OS input "
+             "pixels. With mmseg's rates (1, 12, 24, 36) at output stride 8 the satellites sit at ±96, ±192, "
+             "±288 px — outside these images, so those branches see only their centre tap and zero padding. "
+             "Coverage = fraction of the image where the ERF exceeds 1 % of its maximum.",
+             ""]
+    rows = []
+    for pr in prs:
+        size = pr.mechanism.get("size")
+        for name, probes in pr.mechanism.get("erf", {}).items():
+            rates = pr.mechanism["rates"].get(name, ())
+            os_ = next((r.extra.get("output_stride") for r in pr.runs if r.variant == name and r.seed == 0), None)
+            inside = [r for r in rates if r > 1 and r * (os_ or 8) <= size / 2]
+            for when in ("start", "end"):
+                p = probes[when]
+                rows.append(dict(size=f"{size}x{size}", variant=name, rates=str(rates), os=str(os_),
+                                 sat=", ".join(f"±{r * (os_ or 8)}" for r in rates if r > 1),
+                                 inside=f"{len(inside)}/{len([r for r in rates if r > 1])}",
+                                 when="init" if when == "start" else "trained",
+                                 sigma=f"{p['sigma_y']:.1f} x {p['sigma_x']:.1f}",
+                                 side=f"{p['side_50']} / {p['side_90']}", cov=f"{100 * p['coverage']:.1f} %"))
+    lines.append(_table(rows, ["size", "variant", "rates", "os", "sat", "inside", "when", "sigma", "side", "cov"],
+                        ["input", "variant", "rates", "output stride (measured)", "satellites (px)",
+                         "satellites within the half-width", "weights", "Gaussian σ_y x σ_x (px)",
+                         "50 % / 90 % mass square (px)", "coverage"]))
+    lines += ["", "![ERF lattice per rate setting](erf_rates.png)"]
+    return lines
+
+
+def _vit_section(pr: PairResult) -> List[str]:
+    rob = pr.mechanism.get("robustness", {})
+    acc = rob.get("accuracy", {})
+    rows_def = rob.get("rows", [])
+    lines = ["### PreLayerNorm: accuracy under contrast change",
+             "",
+             f"Top-1 (%) of the seed-0 models on the first {rob.get('images')} Fashion-MNIST test images under "
+             "ImageNet-C contrast change `clip((x - mean) * c + mean, 0, 1)` (reduction c < 1, enhancement c > 1; "
+             "`tools/robustness.py`). A contrast change scales the patch embedding but not the positional "
+             "embedding; PLN normalises the projected patch tokens before the positional embedding is added.",
+             ""]
+    names = list(acc)
+    table_rows = []
+    for kind, sev, c in rows_def:
+        row = dict(kind=kind, sev=str(sev), c=f"{c:g}")
+        for i, n in enumerate(names):
+            row[f"m{i}"] = f"{acc[n][c]:.2f}"
+        table_rows.append(row)
+    lines.append(_table(table_rows, ["kind", "sev", "c"] + [f"m{i}" for i in range(len(names))],
+                        ["contrast", "severity", "factor c"] + names))
+    inv = [(r.variant, r.extra.get("pln_scale_max_abs_logit_change")) for r in pr.runs
+           if r.seed == 0 and "pln_scale_max_abs_logit_change" in r.extra]
+    if inv:
+        lines += ["", "Scale invariance LN(α·y) = LN(y): largest |logit change| when the patch projection "
+                      "(weight and bias) of the trained model is multiplied by α ∈ {0.25, 4}:", "",
+                  _table([dict(v=v, d=f"{d:.3g}") for v, d in inv], ["v", "d"], ["variant", "max |Δ logit|"])]
+    gab = pr.mechanism.get("gab", {})
+    if gab:
+        lines += ["", "Learnt Gaussian attention bias (σ in patches, initialised 5; amplitude a, initialised 1), "
+                      "seed 0, block by block:", ""]
+        grows = [dict(v=v, sig=", ".join(f"{s:.2f}" for g in blocks for s in g["sigma"]),
+                      amp=", ".join(f"{a:.2f}" for g in blocks for a in g["amplitude"]))
+                 for v, blocks in gab.items()]
+        lines.append(_table(grows, ["v", "sig", "amp"], ["variant", "σ per block", "a per block"]))
+    lines += ["", "![contrast robustness](robustness.png)"]
+    return lines
+
+
+def _sap_section(pr: PairResult) -> List[str]:
+    m = pr.mechanism.get("sap", {})
+    if not m:
+        return []
+    lines = ["### Stochastic average pooling: train/eval consistency",
+             "",
+             f"On the trained seed-0 SAP model ({len(m['stochastic_pools'])} stochastic pools, keep probability "
+             f"{m['keep_prob']:g}), 256 test images:",
+             "",
+             _table([
+                 dict(k="pooled map before the global pool", v=f"{m['pooled_map'][0]}x{m['pooled_map'][1]}"),
+                 dict(k="eval output bit-identical to the plain ResNet-18-D with the same weights",
+                      v="yes" if m["eval_bit_identical_to_plain"] else "**NO**"),
+                 dict(k="train-mode output (only the SAP pools stochastic) differs from eval (asserted)",
+                      v=f"yes: max |Δ logit| {m['max_abs_logit_diff_train_vs_eval']:.3g}, "
+                        f"{100 * m['frac_logits_changed']:.1f} % of logits changed"),
+                 dict(k=f"global pool, train mode: |E[train] - eval| / |eval| over {m['draws']} draws",
+                      v=f"SAP {m['sap_mean_rel_err']:.3f} vs inverted dropout (p={m['dropout_p']:g}) "
+                        f"{m['dropout_mean_rel_err']:.3f}"),
+                 dict(k="global pool: variance over images, train / eval (median over features; 1 = no shift)",
+                      v=f"SAP {m['sap_var_ratio']:.3f} vs inverted dropout {m['dropout_var_ratio']:.3f}"),
+             ], ["k", "v"], ["check", "result"]),
+             "",
+             "Both estimators are unbiased in the mean; SAP averages a random half of each window, so its "
+             "train-mode features keep nearly the eval-mode variance, while dropout's rescaled zeros inflate "
+             "it — the train/test variance shift SAP is designed to avoid.",
+             "",
+             "![SAP consistency](sap_consistency.png)"]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_metric_bars(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str, str], path: str) -> None:
+    plt = _plt()
+    pairs = list(summaries)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs) + 1, 4), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        rows = summaries[pair]
+        xs = range(len(rows))
+        means = [r["mean"] for r in rows]
+        errs = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows]
+        ax.bar(xs, means, yerr=errs, capsize=4, color=["#888888" if r["baseline"] else "#3b75af" for r in rows])
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r["values"]), r["values"], color="k", s=10, zorder=3)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"{rows[0]['metric']} (%)")
+        ax.set_title(titles[pair], fontsize=8)
+        lo = min(min(r["values"]) for r in rows)
+        hi = max(max(r["values"]) for r in rows)
+        pad = max(1.0, 0.5 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Accuracy per variant (bars: mean over seeds ± std; dots: seeds; grey: baseline)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_se_variance(prs: List[PairResult], path: str) -> None:
+    plt = _plt()
+    prs = [p for p in prs if len(p.mechanism.get("variance", {})) == 2]
+    fig, axes = plt.subplots(len(prs), 2, figsize=(13, 3.6 * len(prs)), squeeze=False)
+    for row, pr in zip(axes, prs):
+        (base, bvar), (se, svar) = list(pr.mechanism["variance"].items())
+        for ax, when in zip(row, ("start", "end")):
+            bt, st = bvar["table"], svar["table"]
+            labels = [f"{b['fusion'].split(':')[0]}:{b['operand'][:14]}" for b in bt]
+            xs = range(len(bt))
+            w = 0.4
+            ax.bar([x - w / 2 for x in xs], [b[f"var_{when}"] for b in bt], w, label=base, color="#888888")
+            ax.bar([x + w / 2 for x in xs], [s[f"var_{when}"] for s in st], w, label=se, color="#3b75af")
+            ax.set_yscale("log")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+            ax.set_ylabel("variance entering the fusion")
+            ax.set_title(f"{pr.title} — {'init / after calibration' if when == 'start' else 'after training'}",
+                         fontsize=8)
+            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_erf(prs: List[PairResult], path: str) -> None:
+    import numpy as np
+
+    plt = _plt()
+    cells = []
+    for pr in prs:
+        for name, probes in pr.mechanism.get("erf", {}).items():
+            for when in ("start", "end"):
+                cells.append((pr.mechanism["size"], name, pr.mechanism["rates"].get(name, ()), when,
+                               probes[when]["map"]))
+    cols = 4
+    rows = max(1, math.ceil(len(cells) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (size, name, rates, when, m) in zip(axes.flat, cells):
+        arr = np.asarray(m, dtype=np.float64)
+        arr = np.log10(arr / arr.max() + 1e-6)
+        im = ax.imshow(arr, cmap="magma", vmin=-6, vmax=0)
+        label = name if str(tuple(rates)) in name else f"{name} {tuple(rates)}"
+        ax.set_title(f"{size}px, {'at init' if when == 'start' else 'trained'}\n{label}", fontsize=7)
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="log10(ERF / max)")
+    fig.suptitle("ERF of the centre output pixel per rate setting (log scale)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sap(m: Dict[str, Any], path: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    axes[0].bar(["SAP", f"dropout p={m['dropout_p']:g}"], [m["sap_var_ratio"], m["dropout_var_ratio"]],
+                color=["#3b75af", "#c44e52"])
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_title("feature variance train / eval (1 = no shift)", fontsize=8)
+    axes[1].bar(["SAP", f"dropout p={m['dropout_p']:g}"], [m["sap_mean_rel_err"], m["dropout_mean_rel_err"]],
+                color=["#3b75af", "#c44e52"])
+    axes[1].set_title(f"|E[train] - eval| / |eval| ({m['draws']} draws)", fontsize=8)
+    fig.suptitle("Global pooling of the trained SAP ResNet: train vs eval mode", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing everything
+# ---------------------------------------------------------------------------------------------------------
+
+def write_report(out_dir: str, results: List[PairResult], run_info: Dict[str, Any]) -> Dict[str, str]:
+    """Write report.md, results.csv, runs.csv and the plots; return ``{name: path}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    summaries = {pr.pair: summarize_pair(pr) for pr in results}
+    titles = {pr.pair: pr.title for pr in results}
+    by_pair = {pr.pair: pr for pr in results}
+    files: Dict[str, str] = {}
+
+    # CSV
+    path = os.path.join(out_dir, "results.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "variant", "baseline", "metric", "seeds", "mean", "std", "delta", "delta_std_err",
+                    "significance", "train_time_s", "iters", "params", "gflops"])
+        for pair, rows in summaries.items():
+            for r in rows:
+                w.writerow([pair, r["variant"], r["baseline"], r["metric"], r["seeds"], f"{r['mean']:.4f}",
+                            f"{r['std']:.4f}", f"{r['delta']:.4f}", f"{r['delta_se']:.4f}", r["verdict"],
+                            f"{r['train_time_s']:.2f}", r["iters"], r["params"], f"{r['gflops']:.5f}"])
+    files["results.csv"] = path
+    path = os.path.join(out_dir, "runs.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "variant", "baseline", "seed", "metric", "value", "train_time_s", "iters", "params",
+                    "gflops", "data_order_sha1", "extra"])
+        for pr in results:
+            for r in pr.runs:
+                w.writerow([r.pair, r.variant, r.baseline, r.seed, r.metric, f"{r.value:.4f}",
+                            f"{r.train_time_s:.2f}", r.iters, r.params, f"{r.gflops:.5f}", r.data_order,
+                            ";".join(f"{k}={v}" for k, v in r.extra.items())])
+    files["runs.csv"] = path
+
+    # plots
+    plot_metric_bars(summaries, titles, os.path.join(out_dir, "metric_bars.png"))
+    files["metric_bars.png"] = os.path.join(out_dir, "metric_bars.png")
+    se_prs = [pr for pr in results if pr.pair.startswith("se-")]
+    rate_prs = [pr for pr in results if pr.pair.startswith("rates-")]
+    if se_prs:
+        plot_se_variance(se_prs, os.path.join(out_dir, "se_variance.png"))
+        files["se_variance.png"] = os.path.join(out_dir, "se_variance.png")
+    if rate_prs:
+        plot_erf(rate_prs, os.path.join(out_dir, "erf_rates.png"))
+        files["erf_rates.png"] = os.path.join(out_dir, "erf_rates.png")
+    if "vit" in by_pair:
+        rob = by_pair["vit"].mechanism["robustness"]
+        from kim_plugins.suite.cls import robustness_tool
+        robustness_tool().plot(rob["accuracy"], rob["rows"],
+                               f"Fashion-MNIST test ({rob['images']} images), models trained "
+                               f"{by_pair['vit'].runs[0].iters} iterations here (seed 0)",
+                               os.path.join(out_dir, "robustness.png"))
+        files["robustness.png"] = os.path.join(out_dir, "robustness.png")
+    if "sap" in by_pair and by_pair["sap"].mechanism.get("sap"):
+        plot_sap(by_pair["sap"].mechanism["sap"], os.path.join(out_dir, "sap_consistency.png"))
+        files["sap_consistency.png"] = os.path.join(out_dir, "sap_consistency.png")
+
+    # report.md
+    info = run_info
+    lines = [f"# kim_plugins benchmark suite — `{info['suite']}`", "", DISCLAIMER, "",
+             "## Run", "",
+             _table([dict(k=k, v=v) for k, v in info["table"].items()], ["k", "v"], ["", ""]), ""]
+    if info.get("notes"):
+        lines += [f"- {n}" for n in info["notes"]] + [""]
+    lines += ["## 1. Mechanisms (what a short run shows for certain)", ""]
+    if se_prs:
+        lines += _se_section(se_prs) + [""]
+    if rate_prs:
+        lines += _erf_section(rate_prs) + [""]
+    if "vit" in by_pair:
+        lines += _vit_section(by_pair["vit"]) + [""]
+    if "sap" in by_pair:
+        lines += _sap_section(by_pair["sap"]) + [""]
+    lines += ["## 2. Accuracy against each baseline", "",
+              "Δ = mean(variant) − mean(baseline) over the same seeds; \"not significant\" when a single seed was "
+              "run or |Δ| ≤ 2·sqrt(s_b²/n + s_v²/n) (s: sample std over seeds). Train time is the wall time of "
+              "training (SE calibration included, evaluation excluded) on this machine under its load; "
+              "GFLOPs: forward of one image (convolutions, matmuls, attention; `torch.utils.flop_counter`).",
+              "", accuracy_table(summaries, titles), "", "![accuracy](metric_bars.png)", "",
+              "## 3. What was compared", ""]
+    for pr in results:
+        lines += [f"**{pr.pair} — {pr.title}.** {pr.description}", ""]
+        for k, v in pair_checks(pr).items():
+            lines.append(f"- {k}: {v}")
+        lines.append("")
+    lines += ["## Files", "", "- `results.csv`: one row per variant (the table above); `runs.csv`: one row per "
+              "trained model and seed; `runs/`: mmengine work dirs of the segmentation runs.",
+              "- Plots: " + ", ".join(f"`{k}`" for k in files if k.endswith(".png")), ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    files["report.md"] = path
+    return files

@@ -1,0 +1,562 @@
+"""The segmentation pairs of the suite: scale equalizers and resolution-aware atrous rates on Fashion scenes.
+
+Every run is an mmseg ``EncoderDecoder`` trained and evaluated by mmengine's
+``Runner`` on :class:`kim_plugins.mmseg.datasets.FashionScenesDataset`; the
+configs are built in code (:func:`seg_runner_cfg`) from one small backbone,
+mmseg's ``ResNetV1c`` (depth 18, 16 base channels):
+
+- ``'multi'``: 4 stages at strides 4..32, for UPerNet;
+- ``'d8'``: the DeepLabV3 layout of mmseg's configs (strides (1, 2, 1, 1),
+  dilations (1, 1, 2, 4), output stride 8), for the ASPP heads.
+
+Inside a pair every variant gets the same seed (initialisation, sampler order,
+flips), schedule and data; the runner records a digest of the batches and of
+the initial parameters so the report can show that this held.
+
+Mechanisms measured here:
+
+- :class:`FusionVarianceRecorder`: the variance of every operand entering each
+  concat/add of a decode head that fuses an upsampled map, and for each scale
+  equalizer the variance before and after it;
+- the ERF of each rate setting (:func:`kim_plugins.layers.erf.erf_maps`, centre pixel).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "SEG_PAIRS",
+    "seg_model_cfg",
+    "seg_runner_cfg",
+    "FusionVarianceRecorder",
+    "measure_fusion_variances",
+    "run_seg_pair",
+]
+
+NUM_CLASSES = 11
+REFERENCE_RATES = (1, 12, 24, 36)  # mmseg's DeepLabV3 configs; also kim_plugins.layers.atrous.REFERENCE_RATES
+_NORM = dict(type="BN", requires_grad=True)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_ADDS = (torch.Tensor.add, torch.Tensor.__add__, torch.add)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------------------
+
+def _backbone(kind: str) -> Dict[str, Any]:
+    common = dict(type="ResNetV1c", depth=18, stem_channels=16, base_channels=16, num_stages=4,
+                  out_indices=(0, 1, 2, 3), norm_cfg=_NORM, norm_eval=False, style="pytorch",
+                  contract_dilation=True)
+    if kind == "multi":
+        return dict(common, strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1))
+    if kind == "d8":
+        return dict(common, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+    raise ValueError(f"backbone kind must be 'multi' or 'd8', got {kind!r}")
+
+
+def _head_common() -> Dict[str, Any]:
+    return dict(channels=32, num_classes=NUM_CLASSES, dropout_ratio=0.1, norm_cfg=_NORM, align_corners=False,
+                loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0))
+
+
+def seg_model_cfg(head: str, size: int, **head_kw: Any) -> Dict[str, Any]:
+    """An mmseg ``EncoderDecoder`` config with the suite's small backbone and ``head``.
+
+    Args:
+        head: mmseg head type: ``'UPerHead'``/``'SEUPerHead'`` (multi-level backbone) or an ASPP head
+            (``'ASPPHead'``, ``'SEASPPHead'``, ``'RAASPPHead'``; output-stride-8 backbone).
+        size: Square input size (the data preprocessor pads to it).
+        **head_kw: Extra head arguments (``dilations``, ``se_mode``, ...).
+    """
+    if "UPer" in head:
+        backbone = _backbone("multi")
+        dec = dict(type=head, in_channels=[16, 32, 64, 128], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                   **_head_common())
+    elif "ASPP" in head:
+        backbone = _backbone("d8")
+        dec = dict(type=head, in_channels=128, in_index=3, dilations=REFERENCE_RATES, **_head_common())
+    else:
+        raise ValueError(f"the suite builds UPer or ASPP heads, got {head!r}")
+    dec.update(head_kw)
+    return dict(type="EncoderDecoder",
+                data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
+                                       bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=(size, size)),
+                pretrained=None, backbone=backbone, decode_head=dec, train_cfg=dict(), test_cfg=dict(mode="whole"))
+
+
+def seg_runner_cfg(model: Dict[str, Any], data_root: str, size: int, scene_size: int, work_dir: str, *,
+                   iters: int, batch_size: int, lr: float, seed: int, custom_hooks: Sequence[Dict] = (),
+                   experiment_name: Optional[str] = None, num_train: Optional[int] = None,
+                   num_val: Optional[int] = None):
+    """A complete mmengine config: Fashion scenes resized to ``size``, AdamW + warm-up + poly, val at the end.
+
+    ``num_train`` / ``num_val`` use the first scenes of a larger cached set (None: all).
+    """
+    from mmengine.config import Config
+
+    resize = [dict(type="Resize", scale=(size, size), keep_ratio=True)] if size != scene_size else []
+    train_pipeline = ([dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")] + resize
+                      + [dict(type="RandomFlip", prob=0.5), dict(type="PackSegInputs")])
+    val_pipeline = ([dict(type="LoadImageFromFile")] + resize
+                    + [dict(type="LoadAnnotations"), dict(type="PackSegInputs")])
+
+    def dataset(split: str, pipeline: List[Dict], n: Optional[int]) -> Dict[str, Any]:
+        return dict(type="FashionScenesDataset", data_root=data_root, indices=n, serialize_data=False,
+                    data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"), pipeline=pipeline)
+
+    warmup = max(1, iters // 10)
+    schedulers = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
+    if iters > warmup:
+        schedulers.append(dict(type="PolyLR", power=0.9, eta_min=0.0, by_epoch=False, begin=warmup, end=iters))
+    cfg = dict(
+        default_scope="mmseg",
+        model=model,
+        work_dir=work_dir,
+        experiment_name=experiment_name or f"suite_{uuid.uuid4().hex[:8]}",
+        train_dataloader=dict(batch_size=batch_size, num_workers=0, persistent_workers=False,
+                              sampler=dict(type="InfiniteSampler", shuffle=True),
+                              dataset=dataset("train", train_pipeline, num_train)),
+        val_dataloader=dict(batch_size=4, num_workers=0, persistent_workers=False,
+                            sampler=dict(type="DefaultSampler", shuffle=False), dataset=dataset("val", val_pipeline, num_val)),
+        val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"]),
+        train_cfg=dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters),
+        val_cfg=dict(type="ValLoop"),
+        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=lr, weight_decay=0.01)),
+        param_scheduler=schedulers,
+        default_hooks=dict(timer=dict(type="IterTimerHook"),
+                           logger=dict(type="LoggerHook", interval=max(1, iters), log_metric_by_epoch=False),
+                           param_scheduler=dict(type="ParamSchedulerHook"), checkpoint=None,
+                           sampler_seed=dict(type="DistSamplerSeedHook")),
+        custom_hooks=list(custom_hooks),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                     dist_cfg=dict(backend="gloo")),
+        log_processor=dict(by_epoch=False),
+        log_level="WARNING",
+        randomness=dict(seed=seed),
+        launcher="none",
+        load_from=None,
+        resume=False,
+    )
+    return Config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-branch variance entering each fusion
+# ---------------------------------------------------------------------------------------------------------
+
+def _var(t: torch.Tensor) -> float:
+    """Population variance over all N*C*H*W elements (the scale equalizer's statistic)."""
+    return float(t.detach().double().var(unbiased=False))
+
+
+class FusionVarianceRecorder(TorchFunctionMode):
+    """Records the operands of every concat / add that fuses an upsampled map, with their variances.
+
+    Active around a decode head's forward (outside the scale-equalized
+    heads' own call-site mode, so it sees what actually enters each fusion).
+    ``F.interpolate`` outputs are marked ``'upsampled xF'``; the output of a
+    :class:`~kim_plugins.layers.scale_equalizer.ScaleEqualizer` (forward hooks
+    added by :meth:`watch`) is marked ``'<input label> -> SE(<site>)'`` and its
+    input and output variances are recorded.
+
+    Attributes:
+        fusions: ``[{'kind': 'concat'|'add', 'size': (h, w), 'operands': [{'label', 'var'}]}]`` in call order.
+        equalizers: ``{site: {'var_in', 'var_out'}}``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._labels: Dict[int, Tuple[Any, str]] = {}
+        self.fusions: List[Dict[str, Any]] = []
+        self.equalizers: Dict[str, Dict[str, float]] = {}
+        self._handles: List[Any] = []
+
+    def _mark(self, t: torch.Tensor, label: str) -> None:
+        self._labels[id(t)] = (weakref.ref(t), label)
+
+    def label(self, t: Any) -> Optional[str]:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self._labels.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def watch(self, head: nn.Module) -> "FusionVarianceRecorder":
+        """Hook every scale equalizer of ``head`` (``head.scale_equalizers``, if any)."""
+        from kim_plugins.layers.scale_equalizer import ScaleEqualizer
+
+        for site, se in getattr(head, "scale_equalizers", {}).items():
+            if not isinstance(se, ScaleEqualizer):
+                continue
+
+            def hook(module, inputs, output, site=site):
+                src = self.label(inputs[0]) or "input"
+                self.equalizers[site] = dict(var_in=_var(inputs[0]), var_out=_var(output))
+                self._mark(output, f"{src} -> SE({site})")
+
+            self._handles.append(se.register_forward_hook(hook))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _record(self, kind: str, tensors: Sequence[torch.Tensor]) -> None:
+        ops = []
+        direct = 0
+        for t in tensors:
+            lab = self.label(t)
+            if lab is None:
+                direct += 1
+                lab = f"direct #{direct}"
+            ops.append(dict(label=lab, var=_var(t)))
+        self.fusions.append(dict(kind=kind, size=tuple(tensors[0].shape[-2:]), operands=ops))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.interpolate:
+            x = args[0] if args else kwargs["input"]
+            factor = out.shape[-1] / max(1, x.shape[-1])
+            self._mark(out, f"upsampled x{factor:g}")
+        elif func in _CATS:
+            tensors = list(args[0] if args else kwargs["tensors"])
+            if any(self.label(t) for t in tensors):
+                self._record("concat", tensors)
+        elif func in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
+            a, b = args[:2]
+            if a.dim() == 4 and a.shape == b.shape and (self.label(a) or self.label(b)):
+                self._record("add", [a, b])
+        return out
+
+
+@torch.no_grad()
+def measure_fusion_variances(segmentor: nn.Module, images: torch.Tensor) -> Dict[str, Any]:
+    """Per-operand variances entering each fusion of the decode head, as in training.
+
+    The segmentor runs on a copy as in training (BatchNorm on batch
+    statistics, so nothing depends on running estimates), dropout off, no
+    gradient; the original model is untouched.
+
+    Args:
+        segmentor: An mmseg ``EncoderDecoder``.
+        images: Preprocessed ``(N, 3, H, W)`` images.
+
+    Returns:
+        ``{'fusions': [...], 'equalizers': {...}}`` (see :class:`FusionVarianceRecorder`).
+    """
+    model = copy.deepcopy(segmentor)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+            m.eval()
+    feats = model.extract_feat(images)
+    rec = FusionVarianceRecorder().watch(model.decode_head)
+    try:
+        with rec:
+            model.decode_head(feats)
+    finally:
+        rec.remove()
+    return dict(fusions=rec.fusions, equalizers=rec.equalizers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runner hooks
+# ---------------------------------------------------------------------------------------------------------
+
+def _hooks(desc: str, probe: Optional[Callable[[nn.Module, str], None]]):
+    """Hooks that drive a progress bar, time training and record data order, initial weights and probes."""
+    from mmengine.hooks import Hook
+    from tqdm import tqdm
+
+    from kim_plugins.suite.records import param_fingerprint
+
+    class SuiteHook(Hook):
+        priority = "HIGHEST"  # before_train runs before the calibration hook: calibration counts as training time
+
+        def __init__(self) -> None:
+            self.order = hashlib.sha1()
+            self.metrics: Dict[str, float] = {}
+            self.t0 = self.train_time = 0.0
+            self.init_params: Dict[str, str] = {}
+            self.bar = None
+
+        def before_train(self, runner) -> None:
+            self.t0 = time.perf_counter()
+
+        def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+            if self.bar is None:  # first iteration: calibration (if any) is done, weights are the initial ones
+                self.init_params = param_fingerprint(runner.model)
+                if probe is not None:
+                    probe(runner.model, "start")
+                self.bar = tqdm(total=runner.max_iters, desc=desc, unit="it", dynamic_ncols=True, leave=True)
+            for s in data_batch["data_samples"]:
+                self.order.update(f"{os.path.basename(s.img_path)}:{s.metainfo.get('flip')};".encode())
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            self.bar.update()
+            if outputs and "loss" in outputs:
+                self.bar.set_postfix(loss=f"{outputs['loss'].item():.3f}", refresh=False)
+            if runner.iter + 1 >= runner.max_iters:
+                self.train_time = time.perf_counter() - self.t0
+                self.bar.close()
+
+        def after_val_epoch(self, runner, metrics=None) -> None:
+            self.metrics.update(metrics or {})
+
+    return SuiteHook()
+
+
+def _val_images(runner, n: int) -> torch.Tensor:
+    """The first ``n`` validation scenes, through the pipeline and the model's data preprocessor."""
+    from mmengine.dataset import pseudo_collate
+
+    ds = runner.val_dataloader.dataset
+    data = pseudo_collate([ds[i] for i in range(min(n, len(ds)))])
+    return runner.model.data_preprocessor(data, False)["inputs"]
+
+
+def train_seg(cfg, desc: str, probe: Optional[Callable[[Any, nn.Module, str], None]] = None):
+    """Train and evaluate one config with mmengine's Runner.
+
+    Args:
+        cfg: From :func:`seg_runner_cfg`.
+        desc: Progress-bar label.
+        probe: ``probe(runner, model, when)`` called with ``when='start'`` (after any calibration, before the
+            first update) and ``'end'`` (after training).
+
+    Returns:
+        ``(runner, hook)``: the runner (its model trained) and the hook with ``metrics``, ``train_time``,
+        ``order`` (a sha1) and ``init_params``.
+    """
+    import kim_plugins.mmseg  # noqa: F401  registrations
+    from mmengine.runner import Runner
+
+    keys = ("model", "work_dir", "train_dataloader", "val_dataloader", "train_cfg", "val_cfg", "optim_wrapper",
+            "param_scheduler", "val_evaluator", "default_hooks", "custom_hooks", "load_from", "resume", "launcher",
+            "env_cfg", "log_processor", "log_level", "default_scope", "randomness", "experiment_name")
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    with open(os.path.join(cfg.work_dir, "config.json"), "w") as f:  # the run's full config, for reproduction
+        json.dump(cfg.to_dict(), f, indent=1, default=str)
+    # Runner(**kwargs) rather than Runner.from_cfg: the same build, without formatting the config text with yapf
+    # for the (silenced) log and its dump, which costs more than a short run's training on a small CPU.
+    runner = Runner(**{k: copy.deepcopy(cfg.get(k)) for k in keys})
+    hook = _hooks(desc, None if probe is None else (lambda model, when: probe(runner, model, when)))
+    runner.register_hook(hook)
+    runner.train()
+    if probe is not None:
+        probe(runner, runner.model, "end")
+    return runner, hook
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pairs
+# ---------------------------------------------------------------------------------------------------------
+
+#: pair id -> (title, [(variant name, head type, head kwargs, is baseline)], input size key)
+SEG_PAIRS: Dict[str, Dict[str, Any]] = {
+    "se-uper": dict(title="Scale equalizers in UPerNet (UPerHead vs SEUPerHead)", size="scene",
+                    variants=[("UPerHead", "UPerHead", {}, True),
+                              ("SEUPerHead", "SEUPerHead", dict(se_mode="dataset"), False)]),
+    "se-aspp": dict(title="Scale equalizers in DeepLabV3 (ASPPHead vs SEASPPHead)", size="scene",
+                    variants=[("ASPPHead", "ASPPHead", {}, True),
+                              ("SEASPPHead", "SEASPPHead", dict(se_mode="dataset"), False)]),
+    "rates-small": dict(title="Atrous rates at the smaller input size", size=0,
+                        variants=[("rates (1, 12, 24, 36)", "ASPPHead", {}, True),
+                                  ("resolution-aware rates", "RAASPPHead", dict(dilations="auto", output_stride=8),
+                                   False)]),
+    "rates-large": dict(title="Atrous rates at the larger input size", size=1,
+                        variants=[("rates (1, 12, 24, 36)", "ASPPHead", {}, True),
+                                  ("resolution-aware rates", "RAASPPHead", dict(dilations="auto", output_stride=8),
+                                   False)]),
+}
+
+
+def pair_size(pair: str, settings) -> int:
+    """Input size of a segmentation pair."""
+    key = SEG_PAIRS[pair]["size"]
+    return settings.scene_size if key == "scene" else int(settings.rates_sizes[key])
+
+
+def _variant_cfg(pair: str, head: str, head_kw: Dict[str, Any], size: int, settings) -> Dict[str, Any]:
+    kw = dict(head_kw)
+    if kw.get("dilations") == "auto":
+        kw["crop_size"] = (size, size)
+    return seg_model_cfg(head, size, **kw)
+
+
+def synthetic_step(pair: str, settings, batch_size: Optional[int] = None) -> Tuple[Callable, Callable, int]:
+    """A training step and an eval forward of ``n`` images of the pair's baseline on random data.
+
+    For the budget estimate. Returns ``(step, forward, n)``.
+    """
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    import kim_plugins.mmseg  # noqa: F401
+
+    init_default_scope("mmseg")
+    size = pair_size(pair, settings)
+    _, head, head_kw, _ = SEG_PAIRS[pair]["variants"][0]
+    model = MODELS.build(_variant_cfg(pair, head, head_kw, size, settings))
+    bs = batch_size or settings.seg_batch
+    x = torch.randn(bs, 3, size, size)
+    samples = []
+    for _ in range(bs):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=torch.randint(0, NUM_CLASSES, (1, size, size)))
+        s.set_metainfo(dict(img_shape=(size, size), pad_shape=(size, size), ori_shape=(size, size)))
+        samples.append(s)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model.train()
+        losses = model(x, samples, mode="loss")
+        loss = sum(v for k, v in losses.items() if "loss" in k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def forward() -> None:
+        model.eval()
+        model(x[:4], mode="tensor")
+
+    return step, forward, 4
+
+
+def _fusion_table(head_name: str, start: Dict, end: Dict) -> List[Dict[str, Any]]:
+    rows = []
+    for k, (fs, fe) in enumerate(zip(start["fusions"], end["fusions"])):
+        for os_, oe in zip(fs["operands"], fe["operands"]):
+            rows.append(dict(head=head_name, fusion=f"{k + 1}: {fs['kind']} @{fs['size'][0]}x{fs['size'][1]}",
+                             operand=os_["label"], var_start=os_["var"], var_end=oe["var"]))
+    return rows
+
+
+def run_seg_pair(pair: str, settings, data, out_dir: str, device: str) -> "PairResult":
+    """Train every variant of a segmentation pair for every seed; measure its mechanism.
+
+    Args:
+        pair: A key of :data:`SEG_PAIRS`.
+        settings: :class:`~kim_plugins.suite.settings.SuiteSettings` (already budget-scaled).
+        data: :class:`~kim_plugins.suite.data.SuiteData`.
+        out_dir: The run's output folder (runs go to ``<out_dir>/runs/<pair>/...``).
+        device: ``'cpu'`` or ``'cuda'``.
+    """
+    from kim_plugins.layers.atrous import measure_output_stride
+    from kim_plugins.layers.erf import erf_coverage, erf_maps, summarize_erf
+    from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops
+
+    spec = SEG_PAIRS[pair]
+    size = pair_size(pair, settings)
+    is_se = pair.startswith("se-")
+    is_rates = pair.startswith("rates-")
+    result = PairResult(pair=pair, title=spec["title"] + (f" ({size}x{size})" if is_rates else ""),
+                        description="", metric="mIoU")
+    variances: Dict[str, Dict[str, Any]] = {}
+    erfs: Dict[str, Dict[str, Any]] = {}
+    rates_used: Dict[str, Tuple[int, ...]] = {}
+    for seed in range(settings.seeds):
+        for name, head, head_kw, baseline in spec["variants"]:
+            model_cfg = _variant_cfg(pair, head, head_kw, size, settings)
+            hooks = [dict(type="ScaleEqualizerCalibrationHook", num_batches=settings.se_calib_batches, seed=seed)] \
+                if head.startswith("SE") else []
+            work = os.path.join(out_dir, "runs", pair, f"{name.replace(' ', '_').replace(',', '')}_seed{seed}")
+            cfg = seg_runner_cfg(model_cfg, data.scenes_root, size, data.scene_size, work,
+                                 iters=settings.seg_iters, batch_size=settings.seg_batch, lr=settings.seg_lr,
+                                 seed=seed, custom_hooks=hooks, experiment_name=f"{pair}_{seed}_{uuid.uuid4().hex[:6]}",
+                                 num_train=data.num_train_scenes, num_val=data.num_val_scenes)
+            probes: Dict[str, Any] = {}
+
+            def probe(runner, model, when, probes=probes, seed=seed):
+                if seed != 0:
+                    return
+                n = settings.variance_images if is_se else settings.erf_images
+                images = _val_images(runner, n)
+                if is_se:
+                    probes[when] = measure_fusion_variances(model, images)
+                if is_rates:
+                    maps = erf_maps(model, images, positions=[(0.5, 0.5)], target="logits", batch_size=4)[0]
+                    probes[when] = dict(map=maps.float().cpu(), **summarize_erf(maps),
+                                        coverage=float(erf_coverage(maps)))
+
+            with _on_device(device):
+                runner, hook = train_seg(cfg, f"[{pair}] {name} seed {seed}",
+                                         probe if (seed == 0 and (is_se or is_rates)) else None)
+            model = runner.model
+            model.eval()
+            gflops = forward_gflops(lambda x: model(x, mode="tensor"),
+                                    torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+            extra = dict(aAcc=float(hook.metrics.get("aAcc", float("nan"))))
+            dec = model.decode_head
+            if hasattr(dec, "dilations"):
+                rates_used[name] = tuple(int(d) for d in dec.dilations)
+                extra["dilations"] = str(rates_used[name])
+            if is_rates and seed == 0:
+                extra["output_stride"] = measure_output_stride(lambda x: model.extract_feat(x)[3], size,
+                                                               device=next(model.parameters()).device)
+            result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric="mIoU",
+                                         value=float(hook.metrics.get("mIoU", float("nan"))),
+                                         train_time_s=hook.train_time, iters=settings.seg_iters,
+                                         params=count_params(model), gflops=gflops, data_order=hook.order.hexdigest(),
+                                         init_params=hook.init_params, extra=extra))
+            if is_se and seed == 0:
+                variances[name] = dict(table=_fusion_table(name, probes["start"], probes["end"]),
+                                       equalizers={w: probes[w]["equalizers"] for w in ("start", "end")})
+            if is_rates and seed == 0:
+                erfs[name] = probes
+            del runner, model
+    backbone = ("ResNetV1c-18 (16 base channels), 4 stages, strides 4-32" if pair == "se-uper" else
+                "ResNetV1c-18 (16 base channels), DeepLabV3 layout: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), "
+                "output stride 8")
+    variants = "; ".join(f"**{n}**" + (f" rates {rates_used[n]}" if n in rates_used else "")
+                         for n, *_ in spec["variants"])
+    result.description = (
+        f"{variants}. Backbone {backbone}; decode head 32 channels, no auxiliary head. "
+        f"Fashion scenes {data.scene_size}px" + (f" resized to {size}x{size}" if size != data.scene_size else "")
+        + f"; {settings.seg_iters} iterations x batch {settings.seg_batch} (random flip), AdamW lr "
+        f"{settings.seg_lr:g}, linear warm-up then poly decay; mIoU on {data.num_val_scenes} val scenes (whole image)."
+        + (f" SE heads: `se_mode='dataset'`, calibrated by `ScaleEqualizerCalibrationHook` on "
+           f"{settings.se_calib_batches} batches before training (counted in train time)." if is_se else "")
+        + (" Resolution-aware rates: `RAASPPHead(dilations='auto', crop_size, output_stride=8)`."
+           if is_rates else ""))
+    if is_se:
+        result.mechanism["variance"] = variances
+    if is_rates:
+        result.mechanism["erf"] = erfs
+        result.mechanism["size"] = size
+        result.mechanism["rates"] = rates_used
+    return result
+
+
+class _on_device:
+    """Make mmengine's Runner place models on ``device`` (it otherwise picks CUDA whenever it exists)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self):
+        import mmengine.device.utils as du
+
+        self._du, self._old = du, du.DEVICE
+        du.DEVICE = "cuda" if self.device.startswith("cuda") else "cpu"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._du.DEVICE = self._old

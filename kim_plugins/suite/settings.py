@@ -1,0 +1,110 @@
+"""Sizes of the benchmark suite: the ``quick`` (2 CPU cores, <= 15 min) and ``full`` (one GPU) presets.
+
+Every number that decides how much work a run does lives here, so the report
+can print the plan it ran and a budget cap can shrink it in one place
+(:meth:`SuiteSettings.scaled`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+__all__ = ["PAIR_GROUPS", "SuiteSettings", "preset"]
+
+#: ``--only`` names -> the pairs they run, in run order.
+PAIR_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "se": ("se-uper", "se-aspp"),
+    "rates": ("rates-small", "rates-large"),
+    "vit": ("vit",),
+    "sap": ("sap",),
+}
+
+
+@dataclass
+class SuiteSettings:
+    """The work one suite run does.
+
+    Attributes:
+        name: ``'quick'`` or ``'full'``.
+        seeds: Seeds per variant (every variant of a pair uses the same seeds).
+        scene_size: Canvas side of the Fashion scenes (the generator's default is 128).
+        num_train_scenes / num_val_scenes: Scenes generated (train from the 60k training
+            garments, val from the 10k test garments).
+        seg_iters: Training iterations of every segmentation run.
+        seg_batch: Segmentation batch size.
+        seg_lr: AdamW learning rate of the segmentation runs.
+        se_calib_batches: Batches of the scale-equalizer calibration hook.
+        rates_sizes: The two input sizes (square, scenes resized) of the atrous-rates pairs.
+        cls_iters: Training iterations of every classification run.
+        cls_batch: Classification batch size.
+        cls_lr: AdamW learning rate of the classification runs.
+        cls_test_images: Fashion-MNIST test images used for top-1 (at most 10000).
+        robustness_images: Test images for the contrast-robustness curve.
+        erf_images: Validation scenes accumulated into each ERF map.
+        variance_images: Validation scenes of the per-branch variance measurement.
+        vit: Overrides of the patch-4, 32x32 ViT (``timm.create_model`` kwargs).
+        resnet: Overrides of the ResNet-18-D of the SAP pair.
+        min_iters: Floor of the iteration counts when a budget cap scales them.
+    """
+
+    name: str = "quick"
+    seeds: int = 2
+    scene_size: int = 128
+    num_train_scenes: int = 1000
+    num_val_scenes: int = 200
+    seg_iters: int = 150
+    seg_batch: int = 8
+    seg_lr: float = 2e-3
+    se_calib_batches: int = 10
+    rates_sizes: Tuple[int, int] = (96, 192)
+    cls_iters: int = 200
+    cls_batch: int = 128
+    cls_lr: float = 2e-3
+    cls_test_images: int = 10000
+    robustness_images: int = 2000
+    erf_images: int = 16
+    variance_images: int = 16
+    vit: Dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2))
+    resnet: Dict = field(default_factory=lambda: dict(channels=(16, 32, 64, 128), stem_width=16, output_stride=8))
+    min_iters: int = 2
+
+    def scaled(self, factor: float) -> "SuiteSettings":
+        """A copy with iterations and evaluation/data sizes multiplied by ``factor`` (<= 1), floored.
+
+        Model sizes, batch sizes and seeds never change, so a capped run is the
+        same experiment, shorter.
+        """
+        if factor >= 1.0:
+            return dataclasses.replace(self)
+
+        def sc(v: int, floor: int) -> int:
+            return max(floor, int(math.floor(v * factor)))
+
+        return dataclasses.replace(
+            self,
+            num_train_scenes=sc(self.num_train_scenes, 4 * self.seg_batch),
+            num_val_scenes=sc(self.num_val_scenes, 8),
+            seg_iters=sc(self.seg_iters, self.min_iters),
+            se_calib_batches=sc(self.se_calib_batches, 1),
+            cls_iters=sc(self.cls_iters, self.min_iters),
+            cls_test_images=sc(self.cls_test_images, 64),
+            robustness_images=sc(self.robustness_images, 64),
+            erf_images=sc(self.erf_images, 2),
+            variance_images=sc(self.variance_images, 2),
+        )
+
+
+def preset(name: str) -> SuiteSettings:
+    """The ``quick`` (CPU, minutes) or ``full`` (one GPU) preset."""
+    if name == "quick":
+        return SuiteSettings()
+    if name == "full":
+        return SuiteSettings(name="full", seeds=3, num_train_scenes=10000, num_val_scenes=1000, seg_iters=8000,
+                             seg_batch=16, se_calib_batches=50, rates_sizes=(128, 256), cls_iters=6000,
+                             cls_batch=256, cls_test_images=10000, robustness_images=10000, erf_images=64,
+                             variance_images=64,
+                             vit=dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3),
+                             resnet=dict(channels=(64, 128, 256, 512), stem_width=32, output_stride=8))
+    raise ValueError(f"--suite must be 'quick' or 'full', got {name!r}")
