@@ -163,6 +163,19 @@ class ScaleEqualizer(nn.Module):
         """Whether the statistics are usable (always true in ``'batch'`` mode)."""
         return self.mode == "batch" or bool(self.calibrated)
 
+    @property
+    def commutes_with_resize(self) -> bool:
+        """True when the equalizer is a constant affine map right now (``'dataset'`` mode, not calibrating).
+
+        Every ``F.interpolate`` mode computes each output as a weighted sum of
+        inputs whose weights sum to 1, so ``resize(x) * s + t ==
+        resize(x * s + t)``: the equalizer may then be applied to the smaller
+        tensor before the upsampling, with the same result and gradient at a
+        fraction of the cost. (``'batch'`` mode and calibration need the
+        statistics of the upsampled tensor itself.)
+        """
+        return self.mode == "dataset" and self._calib is None
+
     def scale_shift(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The eval-time affine map ``x * scale + shift`` as float64 scalars."""
         scale = torch.rsqrt(self.var.double() + self.eps)

@@ -208,6 +208,9 @@ def test_equalizer_placement_matches_the_table(case, equalize_all):
     head, _, inputs = build(case, equalize_all_branches=equalize_all)
     set_random_statistics(head)
     head.eval()
+    with torch.no_grad():
+        fast = head(inputs)  # calibrated equalizers applied before the (commuting) resize ...
+    head.se_apply_before_resize = False  # ... or after it, where hooks can see the upsampled tensors
     expected_sites = TABLE[case] + (ALL_BRANCHES[case] if equalize_all else [])
     assert list(head.scale_equalizers) == expected_sites
     with torch.no_grad():
@@ -216,9 +219,10 @@ def test_equalizer_placement_matches_the_table(case, equalize_all):
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(i[0]))
              for n, m in head.scale_equalizers.items()]
     with torch.no_grad():
-        head(inputs)
+        slow = head(inputs)
     for h in hooks:
         h.remove()
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5), (fast - slow).abs().max()
     assert sorted(seen) == sorted(expected_sites)
     for name, tensors in seen.items():
         assert len(tensors) == 1, f"{name} ran {len(tensors)} times"
@@ -235,6 +239,7 @@ def test_calibrated_head_equalizers_output_mean_zero_variance_v_over_v_plus_eps(
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: outs[n].append(o.detach().double().flatten()))
              for n, m in head.scale_equalizers.items()]
     head.train()
+    head.se_apply_before_resize = False  # hooks observe the equalized upsampled tensors themselves
     with torch.no_grad():
         for b in batches:
             head(b)
@@ -387,3 +392,23 @@ def test_trains_one_iteration_in_encoder_decoder(case):
     for k in after:  # the equalizer statistics are frozen during training
         if k.startswith("scale_equalizers."):
             assert torch.equal(after[k], before[k]), k
+
+
+@pytest.mark.parametrize("case", FIVE)
+def test_equalizing_before_the_resize_gives_the_same_values_and_gradients(case):
+    head, _, inputs = build(case, equalize_all_branches=True)
+    calibrate_scale_equalizers(head, [inputs])
+    head.train()
+    results = []
+    for before in (True, False):
+        head.se_apply_before_resize = before
+        xs = [t.clone().requires_grad_(True) for t in inputs]
+        torch.manual_seed(0)  # cls_seg's dropout
+        out = head(xs)
+        out.square().mean().backward()
+        results.append((out.detach(), [x.grad for x in xs], head.conv_seg.weight.grad.clone()))
+        head.zero_grad()
+    (a, ga, wa), (b, gb, wb) = results
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb))
+    assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-7)
