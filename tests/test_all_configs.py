@@ -148,3 +148,25 @@ def test_config_name_follows_mmseg_scheme_and_plugins_sit_beside_their_baseline(
             partners = [s for s in siblings if (find_baseline(s, siblings) or (None,))[0] == name]
             assert partners, f"{_rel(path)} is neither a plugin config with its baseline beside it nor a baseline " \
                              f"of one"
+
+
+def test_config_matrix_readme_is_in_sync_with_the_files():
+    """configs/README.md is generated from the files: a config added, renamed or removed must regenerate it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "config_matrix.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = open(os.path.join(REPO, "configs", "README.md")).read()
+    for path in CONFIGS:  # every config appears, with a link
+        assert f"({_rel(path)})" in text, _rel(path)
+
+
+def test_shared_base_piece_loads_the_plugins(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(f"_base_ = ['mmseg::_base_/default_runtime.py', "
+                     f"{os.path.join(REPO, 'configs', '_base_', 'kim_plugins.py')!r}]\n")
+    cfg = Config.fromfile(str(child))
+    assert cfg.custom_imports == dict(imports=["kim_plugins.mmseg"], allow_failed_imports=False)
+    assert cfg.default_scope == "mmseg"

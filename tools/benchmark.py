@@ -84,14 +84,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def load_config(path: str, cfg_options: Optional[dict], tiny: Optional[str] = None) -> Config:
-    from kim_plugins.testing.tiny import _offline_weights, tiny_config
+    from kim_plugins.mmseg.cli import drop_pretrained
+    from kim_plugins.testing.tiny import tiny_config
 
     cfg = Config.fromfile(path)
     if tiny:
         cfg = tiny_config(cfg, tiny, work_dir="", max_iters=1)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    _offline_weights(cfg.model)  # never download: weights are random or --checkpoint
+    drop_pretrained(cfg)  # never download: weights are random or --checkpoint
     return cfg
 
 

@@ -59,6 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="evaluate on the (small) dataset at DATA_ROOT with tools/train.py --tiny's shrinking")
     parser.add_argument("--tiny-crop", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
                         help="crop size of a --tiny run (default 64 64)")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="build without ImageNet weights (offline): pretrained/init_cfg checkpoints dropped, "
+                             "TIMMBackbone(pretrained=False)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
@@ -84,7 +87,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> Config:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's test.py would run, with ``--tiny`` and the CPU launch applied."""
-    from kim_plugins.mmseg.cli import fresh_visualizer_name
+    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -114,6 +117,8 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.out is not None:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True
+    if args.no_pretrained:
+        drop_pretrained(cfg)
     fresh_visualizer_name(cfg)
     setup_launch(cfg)
     return cfg

@@ -58,6 +58,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="crop size of a --tiny run (default 64 64)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="let load_from fully unpickle its (local, trusted) runner checkpoint")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="build without ImageNet weights (offline): pretrained/init_cfg checkpoints dropped, "
+                             "TIMMBackbone(pretrained=False)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
@@ -69,7 +72,7 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's train.py would run, with ``--tiny`` and the CPU launch applied."""
     from mmengine.logging import print_log
 
-    from kim_plugins.mmseg.cli import fresh_visualizer_name
+    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -98,6 +101,8 @@ def build_config(args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
+    if args.no_pretrained:
+        drop_pretrained(cfg)
     fresh_visualizer_name(cfg)
     setup_launch(cfg)
     return cfg

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .resume import trust_local_checkpoint
 
-__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name"]
+__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained"]
 
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -76,3 +76,17 @@ def fresh_visualizer_name(cfg) -> None:
     cls = VISUALIZERS.get(vis.get("type", "Visualizer"))
     if cls is not None and cls.check_instance_created(vis["name"]):
         vis["name"] = f"{vis['name']}_{uuid.uuid4().hex[:8]}"
+
+
+def drop_pretrained(cfg) -> None:
+    """``--no-pretrained``: build the model without downloading or reading ImageNet weights (in place).
+
+    ``pretrained`` strings -> ``None``, ``init_cfg=dict(type='Pretrained', ...)``
+    -> ``None``, ``TIMMBackbone(pretrained=False)`` without ``checkpoint_path`` —
+    the same rewrite as ``tools/train.py --tiny``. For a run without network
+    access or a from-scratch baseline; weights then start from the modules'
+    own initialisation.
+    """
+    from kim_plugins.testing.tiny import _offline_weights
+
+    _offline_weights(cfg.model)

@@ -108,3 +108,23 @@ def test_summarize_reports_unpaired_and_missing_metric(runs, tmp_path):
     assert rows == [] and unpaired == [BASE_NAME]
     with pytest.raises(KeyError, match="'mIoU' missing"):
         summarize.summarize(summarize.collect_runs([str(root / "work_dirs")]), metrics=["mIoU"])
+
+
+def test_train_cli_flags_build_the_config_mmseg_would_run(fixture_root, tmp_path):
+    """--tiny, then --cfg-options (user overrides win), --amp, --no-pretrained, --resume, default work_dir."""
+    train = load_tool("train")
+    convnext = os.path.join(REPO, "configs", "scale_equalizer",
+                            "convnext-tiny-timm_upernet_8xb2-amp-160k_ade20k-512x512.py")
+    args = train.parse_args([convnext, "--no-pretrained", "--resume"])
+    cfg = train.build_config(args)
+    assert cfg.model.backbone.type == "TIMMBackbone"
+    assert cfg.model.backbone.pretrained is False and "checkpoint_path" not in cfg.model.backbone
+    assert cfg.resume is True and cfg.launcher == "none"
+    assert cfg.work_dir == os.path.join("./work_dirs", os.path.basename(convnext)[:-3])
+
+    args = train.parse_args([SMOKE, "--tiny", os.path.join(fixture_root, "stare"), "--tiny-iters", "3", "--amp",
+                             "--work-dir", str(tmp_path), "--cfg-options", "train_cfg.max_iters=5"])
+    cfg = train.build_config(args)
+    assert cfg.train_cfg.max_iters == 5  # --cfg-options after --tiny
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.work_dir == str(tmp_path)
+    assert cfg.train_dataloader.dataset.dataset.data_root == os.path.join(fixture_root, "stare")
