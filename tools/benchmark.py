@@ -252,10 +252,16 @@ def to_markdown(rows: Sequence[Dict[str, Any]]) -> str:
             t["gflops"] = r["flops"] / 1e9
             t["mparams"] = r["params"] / 1e6
         table_rows.append(t)
-    head = (f"Inference ({meta['mode']}) on {meta['device']}, {meta['threads']} thread(s), {meta['source']}; "
-            f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up. ratio = median per-round time "
-            f"ratio vs the first config (q1..q3 its quartiles); the (A/A) row is the baseline against itself: "
-            f"the noise floor. FLOPs: backbone + decode head, one multiply-add = 1.")
+    parts = [f"Input: {meta['source']}."]
+    if "median_ms" in rows[0]:
+        parts.append(f"Inference ({meta['mode']}) on {meta['device']}, {meta['threads']} thread(s); "
+                     f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up. ratio = median per-round "
+                     f"time ratio vs the first config (q1..q3 its quartiles); the (A/A) row is the baseline against "
+                     f"itself: the noise floor.")
+    if "flops" in rows[0]:
+        parts.append("FLOPs: backbone + neck + decode head ('tensor' forward), one multiply-add = 1; "
+                     "parameters without the auxiliary head.")
+    head = " ".join(parts)
     return head + "\n\n" + format_table(table_rows, cols) + "\n"
 
 
