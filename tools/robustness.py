@@ -231,6 +231,11 @@ def format_markdown(results: Dict[str, Dict[float, float]], rows: Sequence[Tuple
     return "\n".join(lines) + "\n"
 
 
+def plot_title(data_name: str, provenance: Dict[str, str]) -> str:
+    """Title that says how the weights were obtained (every distinct provenance, e.g. 'UNTRAINED (random init)')."""
+    return f"Accuracy under contrast change on {data_name}\n" + "; ".join(sorted(set(provenance.values())))
+
+
 def plot(results: Dict[str, Dict[float, float]], rows: Sequence[Tuple[str, int, float]], title: str,
          path: str) -> None:
     """Accuracy vs severity, reduction (left) and enhancement (right), clean accuracy at severity 0."""
@@ -328,9 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[float, float]]:
         results[name] = evaluate(model, batches, factors, total, progress=not args.no_progress)
 
     data_name = "Fashion-MNIST test" if fashion else os.path.basename(os.path.normpath(args.data))
-    kinds = sorted(set(v.split(" (")[0] for v in provenance.values()))
-    title = f"Accuracy under contrast change on {data_name} ({len(next(iter(results.values())))} levels) - " + \
-        "; ".join(kinds)
+    title = plot_title(data_name, provenance)
     md = f"# Contrast robustness on {data_name}\n\n" + format_markdown(results, rows, provenance)
     with open(os.path.join(args.out_dir, "robustness.md"), "w") as f:
         f.write(md)

@@ -111,6 +111,38 @@ def gaussian_attention_bias(sigma_log: torch.Tensor, amplitude: torch.Tensor, gr
     return bias.unsqueeze(0)
 
 
+class _GaussianAttentionBiasFn(torch.autograd.Function):
+    """:func:`gaussian_attention_bias` on a precomputed distance matrix, with a hand-written backward.
+
+    The gradients are the closed forms ``d/da = 2a Σ g ⊙ G`` and
+    ``d/d(log σ) = a² / σ² Σ g ⊙ G ⊙ d²`` (``G = exp(-d² / 2σ²)``): a few
+    whole-matrix operations instead of autograd's chain, the cheaper path
+    while training.
+    """
+
+    @staticmethod
+    def forward(ctx, sigma_log: torch.Tensor, amplitude: torch.Tensor, d2: torch.Tensor,
+                num_prefix_tokens: int) -> torch.Tensor:
+        inv_two_var = 0.5 * torch.exp(-2.0 * sigma_log)
+        gauss = torch.exp(d2[None] * (-inv_two_var)[:, None, None])
+        bias = gauss * (amplitude * amplitude)[:, None, None]
+        if num_prefix_tokens > 0:
+            bias = nn.functional.pad(bias, [num_prefix_tokens, 0, num_prefix_tokens, 0])
+        ctx.save_for_backward(sigma_log, amplitude, d2, gauss)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        return bias.unsqueeze(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        sigma_log, amplitude, d2, gauss = ctx.saved_tensors
+        p = ctx.num_prefix_tokens
+        g = (grad[0, :, p:, p:] * gauss).flatten(1)  # (P, N*N)
+        d_amplitude = 2.0 * amplitude * g.sum(1)
+        d_sigma_log = (amplitude * amplitude) * torch.exp(-2.0 * sigma_log) * torch.mv(g, d2.flatten())
+        return d_sigma_log, d_amplitude, None, None
+
+
 class _AttentionWithLearnableBias(torch.autograd.Function):
     """``softmax(q kᵀ · scale + bias) v`` with an exact hand-written backward that includes d(bias).
 
@@ -125,10 +157,9 @@ class _AttentionWithLearnableBias(torch.autograd.Function):
         q = q * scale  # contiguous, pre-scaled: no copies inside the matmuls below, no pass over the logits
         k = k.contiguous()
         v = v.contiguous()
-        logits = torch.matmul(q, k.transpose(-2, -1))
-        logits.add_(bias)
-        probs = torch.softmax(logits, dim=-1)
-        del logits
+        probs = torch.matmul(q, k.transpose(-2, -1))
+        probs.add_(bias)
+        torch.softmax(probs, dim=-1, out=probs)  # row-wise kernel, in place: one N x N buffer fewer
         out = torch.matmul(probs, v)
         ctx.save_for_backward(q, k, v, probs, out)
         ctx.scale = scale
@@ -242,6 +273,7 @@ class GaussianAttentionBias(nn.Module):
         self.gab_sigma_log = nn.Parameter(torch.empty(num_params, **dd))
         self.gab_amplitude = nn.Parameter(torch.empty(num_params, **dd))
         self._bias_cache: Dict[Tuple, torch.Tensor] = {}
+        self._distance_cache: Dict[Tuple, torch.Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -262,8 +294,25 @@ class GaussianAttentionBias(nn.Module):
         self._bias_cache = {}
 
     def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
-        """The bias for ``grid_size``, recomputed (differentiable, never cached)."""
-        return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size, self.num_prefix_tokens)
+        """The bias for ``grid_size``, recomputed from the current σ, a (differentiable, never cached)."""
+        if torch.jit.is_scripting():
+            return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size,
+                                           self.num_prefix_tokens)
+        return _GaussianAttentionBiasFn.apply(self.gab_sigma_log, self.gab_amplitude, self._distance(grid_size),
+                                              self.num_prefix_tokens)
+
+    @torch.jit.unused
+    def _distance(self, grid: Tuple[int, int]) -> torch.Tensor:
+        # the squared-distance matrix depends only on the grid: kept for the recent grids
+        p = self.gab_sigma_log
+        key = (tuple(grid), p.device, p.dtype)
+        d2 = self._distance_cache.get(key)
+        if d2 is None:
+            d2 = grid_distance_sq(key[0], device=p.device, dtype=p.dtype)
+            while len(self._distance_cache) >= _CACHE_SIZE:
+                self._distance_cache.pop(next(iter(self._distance_cache)))
+            self._distance_cache[key] = d2
+        return d2
 
     def forward(self, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Bias ``(1, P, T, T)`` for the patch grid ``grid_size`` (default: ``self.grid_size``)."""
@@ -309,6 +358,7 @@ class GaussianAttentionBias(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...
         self.clear_cache()
+        self._distance_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
