@@ -216,3 +216,42 @@ def test_functional_form_matches_module():
         gab.gab_sigma_log.copy_(sigma_log)
         gab.gab_amplitude.copy_(amp)
     torch.testing.assert_close(gab(), gaussian_attention_bias(sigma_log, amp, (3, 2), 2))
+
+
+@pytest.mark.parametrize("granularity, num_prefix", [("block", 0), ("head", 1), ("network", 3)])
+def test_training_path_gradients_pass_gradcheck(granularity, num_prefix):
+    """The module's hand-written backward (closed-form d/dσ, d/da) against finite differences."""
+    gab = GaussianAttentionBias((3, 2), num_heads=2, granularity=granularity, num_prefix_tokens=num_prefix,
+                                dtype=torch.float64)
+    with torch.no_grad():
+        gab.gab_sigma_log.uniform_(-0.5, 1.0)
+        gab.gab_amplitude.uniform_(-1.5, 1.5)
+    weights = torch.randn(gab().shape, dtype=torch.float64)
+
+    def f(sigma_log, amplitude):
+        with torch.no_grad():
+            gab.gab_sigma_log.copy_(sigma_log)
+            gab.gab_amplitude.copy_(amplitude)
+        out = gab((3, 2))
+        return (out * weights).sum(), torch.autograd.grad((out * weights).sum(), (gab.gab_sigma_log,
+                                                                                  gab.gab_amplitude))
+
+    s0, a0 = gab.gab_sigma_log.detach().clone(), gab.gab_amplitude.detach().clone()
+    _, (gs, ga) = f(s0, a0)
+    eps = 1e-6
+    for i in range(s0.numel()):
+        e = torch.zeros_like(s0)
+        e[i] = eps
+        fd_s = (f(s0 + e, a0)[0] - f(s0 - e, a0)[0]) / (2 * eps)
+        fd_a = (f(s0, a0 + e)[0] - f(s0, a0 - e)[0]) / (2 * eps)
+        torch.testing.assert_close(gs[i], fd_s, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(ga[i], fd_a, rtol=1e-6, atol=1e-8)
+
+
+def test_distance_cache_follows_device_and_dtype():
+    gab = GaussianAttentionBias(None, num_heads=1)
+    gab((2, 3))
+    gab.double()
+    bias = gab((2, 3))
+    assert bias.dtype == torch.float64  # (σ was rounded to float32 before the move: 1e-7)
+    torch.testing.assert_close(bias, _expected_bias((2, 3), [5.0], [1.0], 0), rtol=1e-7, atol=0)
