@@ -30,7 +30,7 @@ Project decisions (see ``METHODS.md`` §3):
   and a), torch's SDPA has no fused CPU kernel for that and falls back to its
   generic math path; :func:`attention_with_bias` then uses an exact
   hand-written forward/backward instead, which computes the same values
-  (tested against SDPA) about 1.3x faster than that fallback.
+  (tested against SDPA) about 1.2x faster than that fallback.
 
 This file needs only torch.
 """
@@ -190,7 +190,7 @@ def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     kernels, float ``attn_mask`` added to the logits) except in the one case
     where torch has no fused kernel: CPU, gradient wanted for a float
     ``attn_bias``, no dropout. There it runs an exact hand-written
-    attention (same values and gradients, ~1.3x faster than torch's math
+    attention (same values and gradients, ~1.2x faster than torch's math
     fallback on CPU).
 
     Args:
