@@ -288,7 +288,9 @@ def main() -> None:
           "real input shape against the plain pool (train: forward + backward; eval: no-grad forward; "
           f"{env['pool_rounds']} interleaved rounds, median of per-round differences). Their summed extra "
           "time over the model's plain step time is the overhead bound in parentheses, far below the "
-          "whole-model noise floor.", "", table, ""]
+          "whole-model noise floor. In eval a SAP pool runs its parent's own forward (the same nn pooling "
+          "call), so the eval pool-level numbers are pure timing noise of the shared machine (note the "
+          "negative ones).", "", table, ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md))
