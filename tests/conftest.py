@@ -1,9 +1,17 @@
 """Shared pytest fixtures: the dataset fixtures in every mmseg layout, written once per session."""
 import os
 
-import pytest
+# One intra-op thread per process: the suite runs tiny models (where threading buys
+# little), and subprocess tests (torchrun with 2 ranks) would otherwise oversubscribe
+# 2 cores, where OpenMP's spin-waiting makes a forward pass tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from kim_plugins.testing.dataset_fixtures import FIXTURES, make_all_fixtures
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kim_plugins.testing.dataset_fixtures import FIXTURES, make_all_fixtures  # noqa: E402
+
+torch.set_num_threads(1)
 
 # Keep runs reproducible and quiet; nothing may reach the network in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
