@@ -78,7 +78,7 @@ def parse_config_name(name: str) -> ConfigName:
 
 
 def find_baseline(name: str, known: Collection[str]) -> Optional[Tuple[str, str]]:
-    """Return ``(baseline_name, tag)`` when removing one ``-tag`` suffix of a part of ``name`` gives a name in ``known``.
+    """Return ``(baseline_name, tag)`` if dropping one ``-tag`` suffix of a part of ``name`` gives a name in ``known``.
 
     Only the parts before ``NxbB`` (model parts) are considered, so crop sizes
     and schedules never pair. Returns ``None`` for a baseline or an unpaired config.

@@ -43,7 +43,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 IGNORE_INDEX = 255
-_CONVERTERS = "python $(python -c 'import mmseg,os;print(os.path.dirname(mmseg.__file__))')/.mim/tools/dataset_converters"
+_CONVERTERS = ("python $(python -c 'import mmseg,os;print(os.path.dirname(mmseg.__file__))')"
+               "/.mim/tools/dataset_converters")
 
 #: How each dataset is prepared (docs/datasets.md has the details).
 PREPARE = {

@@ -56,7 +56,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="fully unpickle CHECKPOINT (a runner checkpoint you trust, e.g. from your own work_dir)")
     parser.add_argument("--tiny", metavar="DATA_ROOT",
-                        help="evaluate on the (small) dataset at DATA_ROOT with tools/train.py --tiny's shrinking")
+                        help="evaluate on the small dataset at DATA_ROOT ('auto': write one) with "
+                             "tools/train.py --tiny's shrinking")
     parser.add_argument("--tiny-crop", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
                         help="crop size of a --tiny run (default 64 64)")
     parser.add_argument("--no-pretrained", action="store_true",
@@ -87,7 +88,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> Config:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's test.py would run, with ``--tiny`` and the CPU launch applied."""
-    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name
+    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name, tiny_data_root
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -97,7 +98,7 @@ def build_config(args: argparse.Namespace) -> Config:
     elif cfg.get("work_dir", None) is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.tiny:
-        cfg = tiny_config(cfg, args.tiny, cfg.work_dir, crop_size=tuple(args.tiny_crop))
+        cfg = tiny_config(cfg, tiny_data_root(cfg, args.tiny), cfg.work_dir, crop_size=tuple(args.tiny_crop))
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

@@ -52,7 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher")
     parser.add_argument("--tiny", metavar="DATA_ROOT",
-                        help="dry run: shrink the config to a few CPU iterations on the (small) dataset at DATA_ROOT")
+                        help="dry run: shrink the config to a few CPU iterations on the small dataset at DATA_ROOT "
+                             "('auto': write one in the config's layout under WORK_DIR/tiny_data)")
     parser.add_argument("--tiny-iters", type=int, default=2, help="iterations of a --tiny run (default 2)")
     parser.add_argument("--tiny-crop", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
                         help="crop size of a --tiny run (default 64 64)")
@@ -72,7 +73,7 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's train.py would run, with ``--tiny`` and the CPU launch applied."""
     from mmengine.logging import print_log
 
-    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name
+    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name, tiny_data_root
     from kim_plugins.mmseg.distributed import setup_launch
     from kim_plugins.testing.tiny import tiny_config
 
@@ -83,8 +84,8 @@ def build_config(args: argparse.Namespace) -> Config:
     elif cfg.get("work_dir", None) is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.tiny:
-        cfg = tiny_config(cfg, args.tiny, cfg.work_dir, crop_size=tuple(args.tiny_crop),
-                          max_iters=args.tiny_iters)
+        cfg = tiny_config(cfg, tiny_data_root(cfg, args.tiny), cfg.work_dir,
+                          crop_size=tuple(args.tiny_crop), max_iters=args.tiny_iters)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

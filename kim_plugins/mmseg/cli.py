@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .resume import trust_local_checkpoint
 
-__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained"]
+__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained", "tiny_data_root"]
 
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -90,3 +90,43 @@ def drop_pretrained(cfg) -> None:
     from kim_plugins.testing.tiny import _offline_weights
 
     _offline_weights(cfg.model)
+
+
+def tiny_data_root(cfg, spec: str) -> str:
+    """The data root of ``--tiny SPEC``: a folder, or ``auto`` for a fixture written in the config's layout.
+
+    ``auto`` writes the dataset fixture of the train dataloader's dataset class
+    (``kim_plugins.testing.dataset_fixtures``) under
+    ``WORK_DIR/tiny_data/rank<RANK>/`` — one copy per process, identical
+    (seeded), so parallel launches never read a half-written file.
+
+    Raises:
+        ValueError: ``auto`` for a config whose dataset class has no fixture.
+        FileNotFoundError: ``SPEC`` is neither ``auto`` nor an existing folder.
+    """
+    import os
+    import os.path as osp
+
+    from kim_plugins.testing.dataset_fixtures import FIXTURES, make_dataset_fixture
+
+    if spec != "auto":
+        if not osp.isdir(spec):
+            raise FileNotFoundError(f"--tiny {spec!r}: not a folder; give a small dataset in the config's layout "
+                                    f"or 'auto' to write one")
+        return spec
+
+    def leaves(ds):
+        if "datasets" in ds:
+            return [t for d in ds["datasets"] for t in leaves(d)]
+        if "dataset" in ds:
+            return leaves(ds["dataset"])
+        return [ds.get("type")]
+
+    by_class = {s.mmseg_class: name for name, s in FIXTURES.items()}
+    types = set(leaves(cfg.train_dataloader.dataset))
+    names = {by_class.get(t) for t in types}
+    if len(names) != 1 or None in names:
+        raise ValueError(f"--tiny auto: no dataset fixture for {sorted(types)}; fixtures exist for "
+                         f"{sorted(by_class)}. Pass --tiny DATA_ROOT instead")
+    root = osp.join(cfg.work_dir, "tiny_data", f"rank{os.environ.get('RANK', '0')}")
+    return make_dataset_fixture(names.pop(), root)

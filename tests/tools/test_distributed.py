@@ -49,8 +49,8 @@ _DUMP_HOOK = textwrap.dedent('''
 ''')
 
 
-def test_two_cpu_processes_train_to_identical_parameters_and_optimizer_state(fixture_root, tmp_path):
-    """tools/dist_train.sh CONFIG 2 on CPU: gloo, CPU DDP wrapper, SyncBN -> BN; both ranks end identical."""
+def test_two_cpu_processes_train_to_identical_parameters_and_optimizer_state(tmp_path):
+    """tools/dist_train.sh CONFIG 2 --tiny auto on CPU: gloo, CPU DDP wrapper, SyncBN -> BN; ranks end identical."""
     (tmp_path / "rank_state_dump.py").write_text(_DUMP_HOOK)
     cfg = tmp_path / "fcn_r18-tiny-d8_2xb2-3i_stare-32x32.py"
     cfg.write_text(f"_base_ = [{SMOKE!r}]\n"
@@ -61,7 +61,7 @@ def test_two_cpu_processes_train_to_identical_parameters_and_optimizer_state(fix
     env = dict(os.environ, PYTHON=sys.executable, PORT="29531", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(tmp_path))
     cmd = ["bash", os.path.join(REPO, "tools", "dist_train.sh"), str(cfg), "2", "--work-dir", str(work),
-           "--tiny", os.path.join(fixture_root, "stare"), "--tiny-iters", "3", "--tiny-crop", "32", "32",
+           "--tiny", "auto", "--tiny-iters", "3", "--tiny-crop", "32", "32",  # the one-command dry run
            # the GPU config's norm: SyncBN, which the CPU launch must turn into BN
            "--cfg-options", "model.backbone.norm_cfg.type=SyncBN", "model.decode_head.norm_cfg.type=SyncBN",
            "model.auxiliary_head.norm_cfg.type=SyncBN", "env_cfg.dist_cfg.backend=nccl"]
@@ -70,6 +70,9 @@ def test_two_cpu_processes_train_to_identical_parameters_and_optimizer_state(fix
     log = proc.stdout + proc.stderr
     assert "env_cfg.dist_cfg.backend: 'nccl' -> 'gloo'" in log
     assert "3 SyncBN norm config(s) -> BN" in log
+    for rank in (0, 1):  # --tiny auto wrote the config's dataset layout, one copy per process
+        assert os.path.isfile(work / "tiny_data" / f"rank{rank}" / "stare" / "annotations" / "training"
+                              / "training_0000.ah.png")
 
     r0, r1 = (torch.load(work / f"rank{r}.pt", weights_only=False) for r in (0, 1))  # this test's own files
     for r in (r0, r1):
