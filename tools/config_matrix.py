@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import os.path as osp
 import sys
 from typing import Dict, List, Optional, Tuple
