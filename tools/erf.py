@@ -67,13 +67,13 @@ def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: O
     from mmengine.runner import load_checkpoint
 
     import kim_plugins.mmseg  # noqa: F401  registrations
-    from kim_plugins.testing.tiny import _offline_weights, sync_bn_to_bn
+    from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn
 
     cfg = Config.fromfile(config) if isinstance(config, str) else config
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     sync_bn_to_bn(cfg.model)
-    _offline_weights(cfg.model)
+    offline_weights(cfg.model)
     cfg.model.train_cfg = None
     init_default_scope(cfg.get("default_scope", "mmseg"))
     from mmseg.registry import MODELS

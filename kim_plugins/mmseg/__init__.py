@@ -13,6 +13,7 @@ import kim_plugins  # noqa: F401  timm registrations
 from . import resume  # noqa: F401  must come first: patches the runner's resume path only
 from . import datasets  # noqa: F401
 from . import distributed  # noqa: F401  CPU-capable launch (gloo, CPU DDP wrapper, SyncBN -> BN)
+from . import complexity  # noqa: F401  SDPA FLOP handler for mmengine's complexity analysis
 from . import se_heads, se_hook  # noqa: F401  scale equalizers
 from . import ra_aspp_heads  # noqa: F401  resolution-aware atrous rates
 from . import sap  # noqa: F401  stochastic average pooling

@@ -17,6 +17,8 @@ import contextlib
 import pickle
 from typing import Iterator, Optional
 
+from kim_plugins.config_rewrite import offline_weights
+
 from .resume import trust_local_checkpoint
 
 __all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained", "tiny_data_root"]
@@ -87,9 +89,7 @@ def drop_pretrained(cfg) -> None:
     access or a from-scratch baseline; weights then start from the modules'
     own initialisation.
     """
-    from kim_plugins.testing.tiny import _offline_weights
-
-    _offline_weights(cfg.model)
+    offline_weights(cfg.model)
 
 
 def tiny_data_root(cfg, spec: str) -> str:

@@ -64,6 +64,8 @@ from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import HOOKS, MODEL_WRAPPERS
 
+from kim_plugins.config_rewrite import sync_bn_to_bn
+
 __all__ = [
     "accelerator_absent",
     "init_cpu_dist",
@@ -139,30 +141,6 @@ def init_cpu_dist(launcher: str, backend: str = "gloo", port: Optional[int] = No
 
 # --------------------------------------------------------------------------- config
 
-def _walk(node: Any, fn) -> None:
-    if isinstance(node, dict):
-        fn(node)
-        for v in list(node.values()):
-            _walk(v, fn)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _walk(v, fn)
-
-
-def _sync_bn_to_bn(model_cfg: Dict[str, Any]) -> int:
-    """Replace every ``SyncBN`` norm config by ``BN`` in place; return how many were replaced."""
-    count = 0
-
-    def fix(d: Dict[str, Any]) -> None:
-        nonlocal count
-        if d.get("type") == "SyncBN":
-            d["type"] = "BN"
-            count += 1
-
-    _walk(model_cfg, fix)
-    return count
-
-
 def prepare_cpu_distributed(cfg: Config) -> List[str]:
     """Rewrite ``cfg`` in place for a multi-process run on CPUs; return what was changed.
 
@@ -191,7 +169,7 @@ def prepare_cpu_distributed(cfg: Config) -> List[str]:
     if backend not in ("gloo", "mpi"):
         dist_cfg.backend = "gloo"
         changes.append(f"env_cfg.dist_cfg.backend: {backend!r} -> 'gloo'")
-    n = _sync_bn_to_bn(cfg.model)
+    n = sync_bn_to_bn(cfg.model)
     if n:
         changes.append(f"model: {n} SyncBN norm config(s) -> BN (buffers averaged by SyncBuffersPerIterHook)")
     if cfg.get("sync_bn") is not None:

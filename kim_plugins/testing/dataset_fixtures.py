@@ -16,7 +16,7 @@ Usage::
     from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
     root = make_dataset_fixture('ade20k', '/tmp/fixtures')  # -> '/tmp/fixtures/ade20k'
 
-or from the shell: ``python tools/make_fixtures.py /tmp/fixtures``.
+or let the tools write the one a config needs: ``tools/train.py CONFIG --tiny auto``.
 """
 from __future__ import annotations
 

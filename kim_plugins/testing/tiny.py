@@ -28,44 +28,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config, ConfigDict
 
-__all__ = ["tiny_config", "run_tiny", "sync_bn_to_bn"]
+from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn, walk_dicts
+
+__all__ = ["tiny_config", "run_tiny"]
 
 _RESIZE_TYPES = {"RandomResize", "Resize", "RandomChoiceResize"}
-
-
-def _walk(node: Any, fn) -> None:
-    """Call ``fn(d)`` on every dict inside ``node`` (depth first), lists and tuples included."""
-    if isinstance(node, dict):
-        fn(node)
-        for v in list(node.values()):
-            _walk(v, fn)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _walk(v, fn)
-
-
-def sync_bn_to_bn(model_cfg: Dict[str, Any]) -> None:
-    """Replace every ``SyncBN`` norm config inside ``model_cfg`` by ``BN`` (in place)."""
-
-    def fix(d: Dict[str, Any]) -> None:
-        if d.get("type") == "SyncBN":
-            d["type"] = "BN"
-
-    _walk(model_cfg, fix)
-
-
-def _offline_weights(model_cfg: Dict[str, Any]) -> None:
-    def fix(d: Dict[str, Any]) -> None:
-        if "pretrained" in d and isinstance(d.get("pretrained"), str):
-            d["pretrained"] = None
-        if d.get("type") == "TIMMBackbone":
-            d["pretrained"] = False
-            d.pop("checkpoint_path", None)
-        init = d.get("init_cfg")
-        if isinstance(init, dict) and init.get("type") == "Pretrained":
-            d["init_cfg"] = None
-
-    _walk(model_cfg, fix)
 
 
 def _shrink_pipeline(pipeline: Sequence[Dict[str, Any]], crop: Tuple[int, int]) -> None:
@@ -84,7 +51,7 @@ def _shrink_pipeline(pipeline: Sequence[Dict[str, Any]], crop: Tuple[int, int]) 
         if t == "Pad" and "size" in d:
             d["size"] = (h, w)
 
-    _walk(pipeline, fix)
+    walk_dicts(pipeline, fix)
 
 
 def _fix_datasets(loader: Dict[str, Any], data_root: str, crop: Tuple[int, int]) -> None:
@@ -96,7 +63,7 @@ def _fix_datasets(loader: Dict[str, Any], data_root: str, crop: Tuple[int, int])
         if "pipeline" in d:
             _shrink_pipeline(d["pipeline"], crop)
 
-    _walk(loader.get("dataset", {}), fix)
+    walk_dicts(loader.get("dataset", {}), fix)
 
 
 def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
@@ -127,7 +94,7 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
     model = cfg.model
     if on_cpu:
         sync_bn_to_bn(model)
-    _offline_weights(model)
+    offline_weights(model)
     pre = model.get("data_preprocessor")
     if isinstance(pre, dict) and pre.get("size") is not None:
         pre["size"] = crop

@@ -197,7 +197,7 @@ def test_config_output_stride_equals_measured(path):
     given = cfg.model.decode_head.output_stride
     cfg.model.decode_head.output_stride = "infer"
     cfg.model.decode_head.crop_size = (64, 64)  # the stride does not depend on the crop
-    from kim_plugins.testing.tiny import sync_bn_to_bn
+    from kim_plugins.config_rewrite import sync_bn_to_bn
     sync_bn_to_bn(cfg.model)
     assert resolve_auto_dilations(cfg).model.decode_head.output_stride == given
 

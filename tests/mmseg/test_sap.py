@@ -15,7 +15,8 @@ from mmseg.models.backbones import ResNet, ResNetV1d
 from mmseg.registry import MODELS
 
 from kim_plugins.mmseg.sap import ResNetV1dSAP, SAPEncoderDecoder, timm_resnet_to_mmseg
-from kim_plugins.testing.tiny import run_tiny, sync_bn_to_bn, tiny_config
+from kim_plugins.config_rewrite import sync_bn_to_bn
+from kim_plugins.testing.tiny import run_tiny, tiny_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 CFG = os.path.join(ROOT, "configs", "stochastic_pooling")

@@ -23,7 +23,7 @@ def _build(loader_cfg, data_root):
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
-    from kim_plugins.testing.tiny import _walk
+    from kim_plugins.config_rewrite import walk_dicts
 
     init_default_scope("mmseg")
     ds_cfg = loader_cfg.dataset
@@ -35,7 +35,7 @@ def _build(loader_cfg, data_root):
         if d.get("type") == "RepeatDataset":
             d["times"] = 1
 
-    _walk(ds_cfg, fix)
+    walk_dicts(ds_cfg, fix)
     return DATASETS.build(ds_cfg)
 
 
