@@ -108,6 +108,7 @@ def bench_head(key: str, case: Tuple, args: argparse.Namespace) -> List[Dict[str
     rows.append(dict(head=key, what="train step (fwd+bwd)", inputs=sizes, parent_ms=1e3 * res.median("parent"),
                      se_ms=1e3 * res.median("SE"), ratio=res.ratio("SE"), ratio_q1=res.ratio_iqr("SE")[0],
                      ratio_q3=res.ratio_iqr("SE")[1], aa_ratio=res.ratio(res.aa_name),
+                     aa_q1=res.ratio_iqr(res.aa_name)[0], aa_q3=res.ratio_iqr(res.aa_name)[1],
                      saved_act_MiB_parent=mem_p / 2 ** 20, saved_act_ratio=mem_s / mem_p))
 
     se.eval(), parent.eval()
@@ -116,12 +117,13 @@ def bench_head(key: str, case: Tuple, args: argparse.Namespace) -> List[Dict[str
     with torch.no_grad():
         err = (folded(inputs) - se(inputs)).abs().max().item()
     res = compare_timings({"parent": _eval(parent, inputs), "SE folded": _eval(folded, inputs),
-                           "SE unfolded": _eval(se, inputs)}, "parent", rounds=args.rounds, warmup=args.warmup,
-                          num_threads=args.threads)
+                           "SE unfolded": _eval(se, inputs)}, "parent", rounds=args.eval_rounds,
+                          warmup=args.warmup, num_threads=args.threads)
     for name in ("SE folded", "SE unfolded"):
         rows.append(dict(head=key, what=f"eval forward, {name}", inputs=sizes, parent_ms=1e3 * res.median("parent"),
                          se_ms=1e3 * res.median(name), ratio=res.ratio(name), ratio_q1=res.ratio_iqr(name)[0],
                          ratio_q3=res.ratio_iqr(name)[1], aa_ratio=res.ratio(res.aa_name),
+                         aa_q1=res.ratio_iqr(res.aa_name)[0], aa_q3=res.ratio_iqr(res.aa_name)[1],
                          folded_max_abs_err=err if name == "SE folded" else "",
                          unfolded_sites=len(report["unfolded"]) if name == "SE folded" else ""))
     return rows
@@ -130,7 +132,8 @@ def bench_head(key: str, case: Tuple, args: argparse.Namespace) -> List[Dict[str
 def main(argv: List[str] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", nargs="+", default=["psp", "aspp", "sepaspp", "uper", "fcn"])
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=15, help="rounds of the train-step comparison")
+    p.add_argument("--eval-rounds", type=int, default=40, help="rounds of the (cheaper) eval comparison")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--feature-scale", type=float, default=0.15,
@@ -145,13 +148,15 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
         print(f"== {key}", flush=True)
         rows.extend(bench_head(key, cases[key], args))
         print(format_table(rows[-3:]), flush=True)
-    meta = dict(rounds=args.rounds, warmup=args.warmup, threads=args.threads, feature_scale=args.feature_scale,
+    meta = dict(rounds=args.rounds, eval_rounds=args.eval_rounds, warmup=args.warmup, threads=args.threads,
+                feature_scale=args.feature_scale,
                 torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
                 cpu_count=os.cpu_count())
-    cols = ["head", "what", "inputs", "parent_ms", "se_ms", "ratio", "ratio_q1", "ratio_q3", "aa_ratio",
-            "saved_act_MiB_parent", "saved_act_ratio", "folded_max_abs_err"]
+    cols = ["head", "what", "inputs", "parent_ms", "se_ms", "ratio", "ratio_q1", "ratio_q3", "aa_ratio", "aa_q1",
+            "aa_q3", "saved_act_MiB_parent", "saved_act_ratio", "folded_max_abs_err"]
     md = ["# Scale-equalized heads vs mmseg parents", "",
-          f"CPU, {args.threads} pinned thread(s), batch 2, {args.rounds} interleaved rounds (+{args.warmup} warm-up), "
+          f"CPU, {args.threads} pinned thread(s), batch 2, {args.rounds} (train) / {args.eval_rounds} (eval) "
+          f"interleaved rounds (+{args.warmup} warm-up), "
           f"medians of per-round ratios (IQR), A/A = parent vs itself in the same run. Feature sizes = the "
           f"configs' crops x {args.feature_scale} per side (inputs: channels x H x W per level). torch "
           f"{torch.__version__}. Produced by `python benchmarks/scale_equalizer.py`.", "",
