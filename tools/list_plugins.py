@@ -34,14 +34,15 @@ def registered_names() -> Dict[str, List[Dict[str, str]]]:
             out["timm"].append(dict(name=name, module=module, summary=_summary(fn)))
     for reg_name in ("MODELS", "HOOKS", "DATASETS", "MODEL_WRAPPERS", "TRANSFORMS", "OPTIM_WRAPPERS", "LOOPS"):
         reg = getattr(mmseg_registry, reg_name, None)
-        if reg is None:
-            continue
-        rows = []
-        for name, obj in sorted(reg.module_dict.items()):
-            if getattr(obj, "__module__", "").startswith("kim_plugins."):
-                rows.append(dict(name=name, module=obj.__module__, summary=_summary(obj)))
-        if rows:
-            out[f"mmseg.{reg_name}"] = rows
+        # mmseg's registry and its mmengine parent (where scope-free modules register).
+        for scope, r in (("mmseg", reg), ("mmengine", getattr(reg, "parent", None))):
+            if r is None:
+                continue
+            rows = [dict(name=name, module=obj.__module__, summary=_summary(obj))
+                    for name, obj in sorted(r.module_dict.items())
+                    if getattr(obj, "__module__", "").startswith("kim_plugins.")]
+            if rows:
+                out[f"{scope}.{reg_name}"] = rows
     return out
 
 
