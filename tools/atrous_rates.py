@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="work_dirs/atrous_rates", help="output folder of --search")
     p.add_argument("--name", help="output file stem (default: the config name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the untrained weights and the synthetic images (default 0): results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=_DictAction, default=None,
                    help="override config settings, key=value")
     return p
@@ -256,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # untrained weights are drawn from the global generator
     if args.config is None:
         if args.crop_size is None or args.output_stride is None or args.search:
             raise SystemExit("give a config, or --crop-size and --output-stride (--search needs a config)")

@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="output file stem (default: from the model; 'compare' for the comparison)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the untrained weights and the synthetic images (default 0): results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=_DictAction, default=None,
                    help="override mmseg config settings, key=value (as in mmseg's tools)")
     return p
@@ -292,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # untrained weights are drawn from the global generator
     os.makedirs(args.out_dir, exist_ok=True)
     runs = []
     for model in args.models:
