@@ -79,10 +79,14 @@ def estimate_cost(pairs: Sequence[str], settings: SuiteSettings, costs: Dict[str
     total = _REPORT_S + _FMNIST_S
     if any(p in seg.SEG_PAIRS for p in pairs) and not scenes_cached:
         total += _SCENE_S * (settings.num_train_scenes + settings.num_val_scenes)
+    seen = set()  # identical runs of two pairs (e.g. the ASPP baseline at the scene size) are trained once
     for pair in pairs:
         c = costs[pair]
         if pair in seg.SEG_PAIRS:
-            variants = len(seg.SEG_PAIRS[pair]["variants"])
+            keys = {(head, repr(sorted(kw.items())), seg.pair_size(pair, settings))
+                    for _, head, kw, _ in seg.SEG_PAIRS[pair]["variants"]}
+            variants = len(keys - seen)
+            seen |= keys
             per_run = (_SEG_OVERHEAD_S + 1.15 * settings.seg_iters * c["step_s"]
                        + 1.3 * settings.num_val_scenes * c["image_s"])
             calib = settings.se_calib_batches * settings.seg_batch * c["image_s"] if pair.startswith("se-") else 0.0
@@ -190,13 +194,13 @@ def run_suite(opts: SuiteOptions) -> Dict[str, Any]:
                         scenes=bool(seg_pairs))
     data_s = time.perf_counter() - t_data
 
-    results, failed, pair_times = [], {}, {}
+    results, failed, pair_times, seg_cache = [], {}, {}, {}
     for i, pair in enumerate(pairs):
         print(f"\n[suite] == {i + 1}/{len(pairs)} {pair} ==", flush=True)
         t0 = time.perf_counter()
         try:
             if pair in seg.SEG_PAIRS:
-                results.append(seg.run_seg_pair(pair, settings, data, out_dir, device))
+                results.append(seg.run_seg_pair(pair, settings, data, out_dir, device, seg_cache))
             else:
                 results.append(cls.run_cls_pair(pair, settings, data, out_dir, device))
         except Exception as err:  # noqa: BLE001  one broken pair must not hide the others; reported below

@@ -198,9 +198,9 @@ def _erf_section(prs: List[PairResult]) -> List[str]:
              "",
              "Effective receptive field of the centre output pixel (gradient of its logits w.r.t. the input, "
              "RGB-averaged, clipped at 0, summed over validation scenes, normalised; "
-             "`kim_plugins.layers.erf`). ASPP's ERF is a lattice: the centre plus satellites at ±rate·OS input "
-             "pixels. With mmseg's rates (1, 12, 24, 36) at output stride 8 the satellites sit at ±96, ±192, "
-             "±288 px — outside these images, so those branches see only their centre tap and zero padding. "
+             "`kim_plugins.layers.erf`), at initialisation and after training. ASPP's ERF is a lattice: the centre "
+             "plus satellites at ±rate·OS input pixels. A satellite beyond the image's half-width lies outside the "
+             "image for the centre pixel: that branch then sees only its centre tap and zero padding. "
              "Coverage = fraction of the image where the ERF exceeds 1 % of its maximum.",
              ""]
     rows = []

@@ -101,7 +101,7 @@ def seg_runner_cfg(model: Dict[str, Any], data_root: str, size: int, scene_size:
                    iters: int, batch_size: int, lr: float, seed: int, custom_hooks: Sequence[Dict] = (),
                    experiment_name: Optional[str] = None, num_train: Optional[int] = None,
                    num_val: Optional[int] = None):
-    """A complete mmengine config: Fashion scenes resized to ``size``, AdamW + warm-up + poly, val at the end.
+    """A complete mmengine config: Fashion scenes resized to ``size``, SGD + warm-up + poly, val at the end.
 
     ``num_train`` / ``num_val`` use the first scenes of a larger cached set (None: all).
     """
@@ -120,7 +120,7 @@ def seg_runner_cfg(model: Dict[str, Any], data_root: str, size: int, scene_size:
     warmup = max(1, iters // 10)
     schedulers = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
     if iters > warmup:
-        schedulers.append(dict(type="PolyLR", power=0.9, eta_min=0.0, by_epoch=False, begin=warmup, end=iters))
+        schedulers.append(dict(type="PolyLR", power=0.9, eta_min=1e-4, by_epoch=False, begin=warmup, end=iters))
     cfg = dict(
         default_scope="mmseg",
         model=model,
@@ -134,7 +134,7 @@ def seg_runner_cfg(model: Dict[str, Any], data_root: str, size: int, scene_size:
         val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"]),
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters),
         val_cfg=dict(type="ValLoop"),
-        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=lr, weight_decay=0.01)),
+        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=5e-4)),
         param_scheduler=schedulers,
         default_hooks=dict(timer=dict(type="IterTimerHook"),
                            logger=dict(type="LoggerHook", interval=max(1, iters), log_metric_by_epoch=False),
@@ -277,8 +277,12 @@ def measure_fusion_variances(segmentor: nn.Module, images: torch.Tensor) -> Dict
 # runner hooks
 # ---------------------------------------------------------------------------------------------------------
 
-def _hooks(desc: str, probe: Optional[Callable[[nn.Module, str], None]]):
-    """Hooks that drive a progress bar, time training and record data order, initial weights and probes."""
+def _suite_hook(desc: str, snapshot: bool):
+    """A hook that drives a progress bar, times training and records data order and initial weights.
+
+    With ``snapshot`` it also keeps a copy of the model as it enters the first
+    iteration (after any calibration), for the mechanism probes.
+    """
     from mmengine.hooks import Hook
     from tqdm import tqdm
 
@@ -292,6 +296,7 @@ def _hooks(desc: str, probe: Optional[Callable[[nn.Module, str], None]]):
             self.metrics: Dict[str, float] = {}
             self.t0 = self.train_time = 0.0
             self.init_params: Dict[str, str] = {}
+            self.init_model: Optional[nn.Module] = None
             self.bar = None
 
         def before_train(self, runner) -> None:
@@ -300,8 +305,8 @@ def _hooks(desc: str, probe: Optional[Callable[[nn.Module, str], None]]):
         def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
             if self.bar is None:  # first iteration: calibration (if any) is done, weights are the initial ones
                 self.init_params = param_fingerprint(runner.model)
-                if probe is not None:
-                    probe(runner.model, "start")
+                if snapshot:
+                    self.init_model = copy.deepcopy(runner.model)
                 self.bar = tqdm(total=runner.max_iters, desc=desc, unit="it", dynamic_ncols=True, leave=True)
             for s in data_batch["data_samples"]:
                 self.order.update(f"{os.path.basename(s.img_path)}:{s.metainfo.get('flip')};".encode())
@@ -320,7 +325,7 @@ def _hooks(desc: str, probe: Optional[Callable[[nn.Module, str], None]]):
     return SuiteHook()
 
 
-def _val_images(runner, n: int) -> torch.Tensor:
+def val_images(runner, n: int) -> torch.Tensor:
     """The first ``n`` validation scenes, through the pipeline and the model's data preprocessor."""
     from mmengine.dataset import pseudo_collate
 
@@ -329,18 +334,17 @@ def _val_images(runner, n: int) -> torch.Tensor:
     return runner.model.data_preprocessor(data, False)["inputs"]
 
 
-def train_seg(cfg, desc: str, probe: Optional[Callable[[Any, nn.Module, str], None]] = None):
+def train_seg(cfg, desc: str, snapshot: bool = False):
     """Train and evaluate one config with mmengine's Runner.
 
     Args:
         cfg: From :func:`seg_runner_cfg`.
         desc: Progress-bar label.
-        probe: ``probe(runner, model, when)`` called with ``when='start'`` (after any calibration, before the
-            first update) and ``'end'`` (after training).
+        snapshot: Keep a copy of the model at the start of training (``hook.init_model``).
 
     Returns:
         ``(runner, hook)``: the runner (its model trained) and the hook with ``metrics``, ``train_time``,
-        ``order`` (a sha1) and ``init_params``.
+        ``order`` (a sha1), ``init_params`` and ``init_model``.
     """
     import kim_plugins.mmseg  # noqa: F401  registrations
     from mmengine.runner import Runner
@@ -354,11 +358,9 @@ def train_seg(cfg, desc: str, probe: Optional[Callable[[Any, nn.Module, str], No
     # Runner(**kwargs) rather than Runner.from_cfg: the same build, without formatting the config text with yapf
     # for the (silenced) log and its dump, which costs more than a short run's training on a small CPU.
     runner = Runner(**{k: copy.deepcopy(cfg.get(k)) for k in keys})
-    hook = _hooks(desc, None if probe is None else (lambda model, when: probe(runner, model, when)))
+    hook = _suite_hook(desc, snapshot)
     runner.register_hook(hook)
     runner.train()
-    if probe is not None:
-        probe(runner, runner.model, "end")
     return runner, hook
 
 
@@ -449,7 +451,41 @@ def _fusion_table(head_name: str, start: Dict, end: Dict) -> List[Dict[str, Any]
     return rows
 
 
-def run_seg_pair(pair: str, settings, data, out_dir: str, device: str) -> "PairResult":
+def _train_variant(pair: str, name: str, head: str, head_kw: Dict[str, Any], seed: int, size: int, settings, data,
+                   out_dir: str, device: str, cache: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one variant (or reuse an identical run of another pair: same config, data and seed)."""
+    from kim_plugins.layers.atrous import measure_output_stride
+    from kim_plugins.suite.records import count_params, forward_gflops
+
+    model_cfg = _variant_cfg(pair, head, head_kw, size, settings)
+    hooks = [dict(type="ScaleEqualizerCalibrationHook", num_batches=settings.se_calib_batches, seed=seed)] \
+        if head.startswith("SE") else []
+    key = json.dumps([model_cfg, hooks, size, seed], sort_keys=True, default=str)
+    if key in cache:
+        return dict(cache[key], shared_from=cache[key]["pair"])
+    work = os.path.join(out_dir, "runs", pair, f"{name.replace(' ', '_').replace(',', '')}_seed{seed}")
+    cfg = seg_runner_cfg(model_cfg, data.scenes_root, size, data.scene_size, work, iters=settings.seg_iters,
+                         batch_size=settings.seg_batch, lr=settings.seg_lr, seed=seed, custom_hooks=hooks,
+                         experiment_name=f"{pair}_{seed}_{uuid.uuid4().hex[:6]}", num_train=data.num_train_scenes,
+                         num_val=data.num_val_scenes)
+    with _on_device(device):
+        runner, hook = train_seg(cfg, f"[{pair}] {name} seed {seed}", snapshot=seed == 0)
+    model = runner.model.eval()
+    dev = next(model.parameters()).device
+    out = dict(pair=pair, metrics=dict(hook.metrics), train_time=hook.train_time, order=hook.order.hexdigest(),
+               init_params=hook.init_params, params=count_params(model),
+               gflops=forward_gflops(lambda x: model(x, mode="tensor"), torch.zeros(1, 3, size, size, device=dev)),
+               dilations=tuple(int(d) for d in getattr(model.decode_head, "dilations", ())) or None,
+               output_stride=measure_output_stride(lambda x: model.extract_feat(x)[-1], size, device=dev))
+    if seed == 0:
+        n = max(settings.erf_images, settings.variance_images)
+        out.update(model=model, init_model=hook.init_model, images=val_images(runner, n))
+    cache[key] = out
+    return out
+
+
+def run_seg_pair(pair: str, settings, data, out_dir: str, device: str,
+                 cache: Optional[Dict[str, Any]] = None) -> "PairResult":
     """Train every variant of a segmentation pair for every seed; measure its mechanism.
 
     Args:
@@ -458,11 +494,13 @@ def run_seg_pair(pair: str, settings, data, out_dir: str, device: str) -> "PairR
         data: :class:`~kim_plugins.suite.data.SuiteData`.
         out_dir: The run's output folder (runs go to ``<out_dir>/runs/<pair>/...``).
         device: ``'cpu'`` or ``'cuda'``.
+        cache: Runs of earlier pairs; a variant identical to one of them (same model config, hooks, input
+            size and seed, e.g. the ASPP baseline at the scene size) is reused, not trained again.
     """
-    from kim_plugins.layers.atrous import measure_output_stride
     from kim_plugins.layers.erf import erf_coverage, erf_maps, summarize_erf
-    from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops
+    from kim_plugins.suite.records import PairResult, RunRecord
 
+    cache = {} if cache is None else cache
     spec = SEG_PAIRS[pair]
     size = pair_size(pair, settings)
     is_se = pair.startswith("se-")
@@ -472,66 +510,51 @@ def run_seg_pair(pair: str, settings, data, out_dir: str, device: str) -> "PairR
     variances: Dict[str, Dict[str, Any]] = {}
     erfs: Dict[str, Dict[str, Any]] = {}
     rates_used: Dict[str, Tuple[int, ...]] = {}
+    shared: Dict[str, str] = {}
     for seed in range(settings.seeds):
         for name, head, head_kw, baseline in spec["variants"]:
-            model_cfg = _variant_cfg(pair, head, head_kw, size, settings)
-            hooks = [dict(type="ScaleEqualizerCalibrationHook", num_batches=settings.se_calib_batches, seed=seed)] \
-                if head.startswith("SE") else []
-            work = os.path.join(out_dir, "runs", pair, f"{name.replace(' ', '_').replace(',', '')}_seed{seed}")
-            cfg = seg_runner_cfg(model_cfg, data.scenes_root, size, data.scene_size, work,
-                                 iters=settings.seg_iters, batch_size=settings.seg_batch, lr=settings.seg_lr,
-                                 seed=seed, custom_hooks=hooks, experiment_name=f"{pair}_{seed}_{uuid.uuid4().hex[:6]}",
-                                 num_train=data.num_train_scenes, num_val=data.num_val_scenes)
-            probes: Dict[str, Any] = {}
-
-            def probe(runner, model, when, probes=probes, seed=seed):
-                if seed != 0:
-                    return
-                n = settings.variance_images if is_se else settings.erf_images
-                images = _val_images(runner, n)
-                if is_se:
-                    probes[when] = measure_fusion_variances(model, images)
-                if is_rates:
-                    maps = erf_maps(model, images, positions=[(0.5, 0.5)], target="logits", batch_size=4)[0]
-                    probes[when] = dict(map=maps.float().cpu(), **summarize_erf(maps),
-                                        coverage=float(erf_coverage(maps)))
-
-            with _on_device(device):
-                runner, hook = train_seg(cfg, f"[{pair}] {name} seed {seed}",
-                                         probe if (seed == 0 and (is_se or is_rates)) else None)
-            model = runner.model
-            model.eval()
-            gflops = forward_gflops(lambda x: model(x, mode="tensor"),
-                                    torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-            extra = dict(aAcc=float(hook.metrics.get("aAcc", float("nan"))))
-            dec = model.decode_head
-            if hasattr(dec, "dilations"):
-                rates_used[name] = tuple(int(d) for d in dec.dilations)
-                extra["dilations"] = str(rates_used[name])
-            if is_rates and seed == 0:
-                extra["output_stride"] = measure_output_stride(lambda x: model.extract_feat(x)[3], size,
-                                                               device=next(model.parameters()).device)
+            run = _train_variant(pair, name, head, head_kw, seed, size, settings, data, out_dir, device, cache)
+            extra: Dict[str, Any] = dict(aAcc=float(run["metrics"].get("aAcc", float("nan"))),
+                                         mAcc=float(run["metrics"].get("mAcc", float("nan"))),
+                                         output_stride=run["output_stride"])
+            if run["dilations"]:
+                rates_used[name] = run["dilations"]
+                extra["dilations"] = str(run["dilations"])
+            if "shared_from" in run:
+                shared[name] = run["shared_from"]
+                extra["shared_with"] = run["shared_from"]
             result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric="mIoU",
-                                         value=float(hook.metrics.get("mIoU", float("nan"))),
-                                         train_time_s=hook.train_time, iters=settings.seg_iters,
-                                         params=count_params(model), gflops=gflops, data_order=hook.order.hexdigest(),
-                                         init_params=hook.init_params, extra=extra))
-            if is_se and seed == 0:
-                variances[name] = dict(table=_fusion_table(name, probes["start"], probes["end"]),
-                                       equalizers={w: probes[w]["equalizers"] for w in ("start", "end")})
-            if is_rates and seed == 0:
-                erfs[name] = probes
-            del runner, model
+                                         value=float(run["metrics"].get("mIoU", float("nan"))),
+                                         train_time_s=run["train_time"], iters=settings.seg_iters,
+                                         params=run["params"], gflops=run["gflops"], data_order=run["order"],
+                                         init_params=run["init_params"], extra=extra))
+            if seed != 0:
+                continue
+            probes = dict(start=run["init_model"], end=run["model"])
+            if is_se:
+                measured = {w: measure_fusion_variances(m, run["images"][:settings.variance_images])
+                            for w, m in probes.items()}
+                variances[name] = dict(table=_fusion_table(name, measured["start"], measured["end"]),
+                                       equalizers={w: measured[w]["equalizers"] for w in measured})
+            if is_rates:
+                erfs[name] = {}
+                for w, m in probes.items():
+                    maps = erf_maps(m, run["images"][:settings.erf_images], positions=[(0.5, 0.5)],
+                                    target="logits", batch_size=4)[0]
+                    erfs[name][w] = dict(map=maps.float().cpu(), **summarize_erf(maps),
+                                         coverage=float(erf_coverage(maps)))
     backbone = ("ResNetV1c-18 (16 base channels), 4 stages, strides 4-32" if pair == "se-uper" else
                 "ResNetV1c-18 (16 base channels), DeepLabV3 layout: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), "
                 "output stride 8")
     variants = "; ".join(f"**{n}**" + (f" rates {rates_used[n]}" if n in rates_used else "")
-                         for n, *_ in spec["variants"])
+                         + (f" (the same run as in `{shared[n]}`: identical config, data and seed)" if n in shared
+                            else "") for n, *_ in spec["variants"])
     result.description = (
         f"{variants}. Backbone {backbone}; decode head 32 channels, no auxiliary head. "
         f"Fashion scenes {data.scene_size}px" + (f" resized to {size}x{size}" if size != data.scene_size else "")
-        + f"; {settings.seg_iters} iterations x batch {settings.seg_batch} (random flip), AdamW lr "
-        f"{settings.seg_lr:g}, linear warm-up then poly decay; mIoU on {data.num_val_scenes} val scenes (whole image)."
+        + f"; {settings.seg_iters} iterations x batch {settings.seg_batch} (random flip), SGD momentum 0.9, "
+        f"lr {settings.seg_lr:g}, weight decay 5e-4, linear warm-up then poly decay (mmseg's recipe, higher lr for a "
+        f"short run); mIoU on {data.num_val_scenes} val scenes (whole image)."
         + (f" SE heads: `se_mode='dataset'`, calibrated by `ScaleEqualizerCalibrationHook` on "
            f"{settings.se_calib_batches} batches before training (counted in train time)." if is_se else "")
         + (" Resolution-aware rates: `RAASPPHead(dilations='auto', crop_size, output_stride=8)`."

@@ -34,7 +34,7 @@ class SuiteSettings:
             garments, val from the 10k test garments).
         seg_iters: Training iterations of every segmentation run.
         seg_batch: Segmentation batch size.
-        seg_lr: AdamW learning rate of the segmentation runs.
+        seg_lr: SGD learning rate of the segmentation runs (momentum 0.9, poly decay).
         se_calib_batches: Batches of the scale-equalizer calibration hook.
         rates_sizes: The two input sizes (square, scenes resized) of the atrous-rates pairs.
         cls_iters: Training iterations of every classification run.
@@ -54,16 +54,16 @@ class SuiteSettings:
     scene_size: int = 128
     num_train_scenes: int = 1000
     num_val_scenes: int = 200
-    seg_iters: int = 150
+    seg_iters: int = 200
     seg_batch: int = 8
-    seg_lr: float = 2e-3
+    seg_lr: float = 0.05
     se_calib_batches: int = 10
-    rates_sizes: Tuple[int, int] = (96, 192)
-    cls_iters: int = 200
-    cls_batch: int = 128
+    rates_sizes: Tuple[int, int] = (96, 128)
+    cls_iters: int = 400
+    cls_batch: int = 32
     cls_lr: float = 2e-3
-    cls_test_images: int = 10000
-    robustness_images: int = 2000
+    cls_test_images: int = 5000
+    robustness_images: int = 1000
     erf_images: int = 16
     variance_images: int = 16
     vit: Dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2))
@@ -102,8 +102,8 @@ def preset(name: str) -> SuiteSettings:
         return SuiteSettings()
     if name == "full":
         return SuiteSettings(name="full", seeds=3, num_train_scenes=10000, num_val_scenes=1000, seg_iters=8000,
-                             seg_batch=16, se_calib_batches=50, rates_sizes=(128, 256), cls_iters=6000,
-                             cls_batch=256, cls_test_images=10000, robustness_images=10000, erf_images=64,
+                             seg_batch=16, seg_lr=0.01, se_calib_batches=50, rates_sizes=(128, 256),
+                             cls_iters=6000, cls_batch=128, cls_lr=1e-3, cls_test_images=10000, robustness_images=10000, erf_images=64,
                              variance_images=64,
                              vit=dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3),
                              resnet=dict(channels=(64, 128, 256, 512), stem_width=32, output_stride=8))
