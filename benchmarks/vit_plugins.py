@@ -93,7 +93,9 @@ def _median_ratio(num: List[float], den: List[float]) -> float:
 def bench_pair(plugin: str, host: str, mode: str, batch: int, img: int, rounds: int, warmup: int,
                threads: int) -> Dict[str, Any]:
     torch.manual_seed(0)
-    models = {host: timm.create_model(host, img_size=img), plugin: timm.create_model(plugin, img_size=img)}
+    twin = host + " (2nd instance)"  # B/B control: same architecture, separately allocated weights
+    models = {host: timm.create_model(host, img_size=img), plugin: timm.create_model(plugin, img_size=img),
+              twin: timm.create_model(host, img_size=img)}
     x = torch.randn(batch, 3, img, img)
     y = torch.randint(0, 1000, (batch,))
     cpu: Dict[str, List[float]] = {k: [] for k in models}
@@ -108,7 +110,7 @@ def bench_pair(plugin: str, host: str, mode: str, batch: int, img: int, rounds: 
     return dict(
         plugin=plugin, host=host, mode=mode, batch=batch, img=img,
         host_img_s_cpu=batch / statistics.median(host_a), plugin_img_s_cpu=batch / statistics.median(plugin_cpu),
-        cpu_ratio=cpu_ratio, cpu_aa=_median_ratio(host_a, host_aa),
+        cpu_ratio=cpu_ratio, cpu_aa=_median_ratio(host_a, host_aa), cpu_bb=_median_ratio(host_a, cpu[twin][warmup:]),
         wall_ratio=1.0 / res.ratio(plugin), wall_iqr=f"{1 / q3:.3f}-{1 / q1:.3f}",
         wall_aa=1.0 / res.ratio(res.aa_name), wall_aa_iqr=f"{1 / aa_q3:.3f}-{1 / aa_q1:.3f}",
         target=TARGET[mode], meets_target=cpu_ratio >= TARGET[mode],
@@ -126,30 +128,45 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "results", "vit_plugins"))
+    p.add_argument("--rounds-eval", type=int, default=None, help="rounds for eval (default: --rounds)")
+    p.add_argument("--update", action="store_true",
+                   help="with --only: replace those rows in an existing <out>.json instead of starting anew")
     args = p.parse_args()
 
     rows: List[Dict[str, Any]] = []
+    if args.update and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            previous = json.load(f)
+        rows = previous["rows"]
+        for r in rows:
+            r.setdefault("rounds", previous["env"]["rounds"])
     for plugin, host in PAIRS:
         if args.only and plugin not in args.only:
             continue
         for mode in args.modes:
             batch = args.batch_eval if mode == "eval" else args.batch_train
-            row = bench_pair(plugin, host, mode, batch, args.img_size, args.rounds, args.warmup, args.threads)
-            rows.append(row)
+            rounds = (args.rounds_eval or args.rounds) if mode == "eval" else args.rounds
+            row = bench_pair(plugin, host, mode, batch, args.img_size, rounds, args.warmup, args.threads)
+            row["rounds"] = rounds
+            old = [i for i, r in enumerate(rows) if (r["plugin"], r["mode"]) == (plugin, mode)]
+            if old:
+                rows[old[0]] = row
+            else:
+                rows.append(row)
             print(f"{plugin:36s} {mode:5s} cpu {row['cpu_ratio']:.3f} (A/A {row['cpu_aa']:.3f})  "
                   f"wall {row['wall_ratio']:.3f} ({row['wall_iqr']}, A/A {row['wall_aa']:.3f})", flush=True)
 
-    columns = ["plugin", "host", "mode", "batch", "host_img_s_cpu", "plugin_img_s_cpu", "cpu_ratio", "cpu_aa",
-               "wall_ratio", "wall_iqr", "wall_aa", "wall_aa_iqr", "target", "meets_target"]
+    columns = ["plugin", "host", "mode", "batch", "host_img_s_cpu", "plugin_img_s_cpu", "cpu_ratio", "cpu_aa", "cpu_bb",
+               "wall_ratio", "wall_iqr", "wall_aa", "wall_aa_iqr", "rounds", "target", "meets_target"]
     env = dict(torch=torch.__version__, timm=timm.__version__, threads=args.threads, rounds=args.rounds,
                img_size=args.img_size, cpu=platform.processor() or platform.machine(),
                device="cpu", load_avg=os.getloadavg()[0])
     md = ["# GAB / PLN ViTs vs plain timm ViTs: throughput (CPU)", "",
           f"`python benchmarks/vit_plugins.py` — torch {env['torch']}, timm {env['timm']}, {args.threads} thread(s), "
-          f"{args.img_size} px, {args.rounds} interleaved rounds (+{args.warmup} warm-up), medians of per-round "
+          f"{args.img_size} px, `rounds` interleaved rounds (+{args.warmup} warm-up), medians of per-round "
           f"ratios. Ratios are host time / plugin time (throughput of the plugin relative to its host), by the "
           f"thread's CPU time (`cpu_*`) and by wall time (`wall_*`, IQR beside it); `*_aa` is the host against "
-          f"itself in the same rounds (noise floor). `meets_target` uses the CPU-time ratio. Load average at the "
+          f"itself in the same rounds (noise floor), `cpu_bb` the host against a second, separately allocated instance of the same model (weight placement alone moves MKL's speed by a few percent). `meets_target` uses the CPU-time ratio. Load average at the "
           f"end: {env['load_avg']:.1f} (a shared machine: wall-time ratios are noisy).", "",
           format_table(rows, columns), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
