@@ -95,6 +95,10 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
     if on_cpu:
         sync_bn_to_bn(model)
     offline_weights(model)
+    backbone = model.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("type") == "TIMMBackbone" and "img_size" in backbone \
+            and not backbone.get("dynamic_img_size"):
+        backbone["img_size"] = crop  # fixed-size timm ViTs (relpos) must match the tiny crop
     pre = model.get("data_preprocessor")
     if isinstance(pre, dict) and pre.get("size") is not None:
         pre["size"] = crop
