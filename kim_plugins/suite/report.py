@@ -118,7 +118,9 @@ def _accuracy_rows(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str,
             value = _f(r["mean"]) if r["seeds"] == 1 else f"{_f(r['mean'])} ± {_f(r['std'])}"
             delta = "—" if r["baseline"] else (f"{r['delta']:+.2f}" + ("" if math.isnan(r["delta_se"])
                                                                       else f" (± {r['delta_se']:.2f})"))
-            out.append(dict(pair=pair, variant=r["variant"] + (" (baseline)" if r["baseline"] else ""),
+            shared = r["extra"].get("shared_with")
+            out.append(dict(pair=pair, variant=r["variant"] + (" (baseline)" if r["baseline"] else "")
+                            + (f" — same run as in {shared}" if shared else ""),
                             metric=f"{r['metric']} %", value=value, delta=delta, verdict=r["verdict"],
                             time=f"{r['train_time_s']:.1f}", iters=str(r["iters"]),
                             params=f"{r['params'] / 1e6:.3f}M", gflops=f"{r['gflops']:.3f}"))
@@ -139,15 +141,21 @@ def accuracy_table(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str,
 # mechanism sections
 # ---------------------------------------------------------------------------------------------------------
 
+def _spread(operands: List[Dict[str, Any]], key: str = "var") -> float:
+    vs = [o[key] for o in operands]
+    return max(vs) / max(min(vs), 1e-30)
+
+
 def _se_section(prs: List[PairResult]) -> List[str]:
     lines = ["### Scale equalizers: the variance of each branch entering a fusion",
              "",
              "Bilinear upsampling lowers a map's variance (i.i.d. input: x2 -> 0.39, x4 -> 0.43, limit 4/9), so "
-             "the branches a decoder concatenates or adds sit on different scales. Measured on "
-             "the first validation scenes with the model as in training (BatchNorm on batch statistics), per "
-             "operand of every fusion that takes an upsampled map: the population variance over N·C·H·W. "
-             "*start* = at initialisation (SE heads: right after the calibration hook), *end* = after training. "
-             "Spread = max / min variance among a fusion's operands (1 = scale equilibrium).",
+             "the branches a decoder concatenates or adds sit on different scales. Measured on the first "
+             "validation scenes with the model as in training (BatchNorm on batch statistics, no update), for "
+             "every operand of every fusion that takes an upsampled map: the population variance over N·C·H·W. "
+             "*start* = initial weights (SE heads: right after the calibration hook), *end* = after training. "
+             "*without SE* = the same operand without its equalizer (the equalizer is the scalar affine map "
+             "x·s + t, so that is Var / s²).",
              ""]
     for pr in prs:
         var = pr.mechanism.get("variance", {})
@@ -155,40 +163,41 @@ def _se_section(prs: List[PairResult]) -> List[str]:
         if len(names) != 2:
             continue
         base, se = names
+        bt, st = var[base]["table"], var[se]["table"]
         lines += [f"**{pr.title}** (seed 0)", ""]
         rows = []
-        bt, st = var[base]["table"], var[se]["table"]
-        for b, s in zip(bt, st):
-            rows.append(dict(fusion=b["fusion"], op_b=b["operand"], vb0=f"{b['var_start']:.4g}",
-                             vb1=f"{b['var_end']:.4g}", op_s=s["operand"], vs0=f"{s['var_start']:.4g}",
-                             vs1=f"{s['var_end']:.4g}"))
-        lines.append(_table(rows, ["fusion", "op_b", "vb0", "vb1", "op_s", "vs0", "vs1"],
-                            ["fusion", f"{base} operand", "Var start", "Var end", f"{se} operand", "Var start",
-                             "Var end"]))
+        for b, t in zip(bt, st):
+            def with_without(row, when):
+                w = row[f"var_{when}_without_se"]
+                return f"{row[f'var_{when}']:.3g}" + ("" if w is None else f" (without SE {w:.3g})")
+            rows.append(dict(fusion=b["fusion"], op=t["operand"], vb0=f"{b['var_start']:.3g}",
+                             vb1=f"{b['var_end']:.3g}", vs0=with_without(t, "start"), vs1=with_without(t, "end")))
+        lines.append(_table(rows, ["fusion", "op", "vb0", "vb1", "vs0", "vs1"],
+                            ["fusion", "operand (in the SE head)", f"{base}: Var start", "end", f"{se}: Var start",
+                             "end"]))
         lines.append("")
+        fusions = list(dict.fromkeys(r["fusion"] for r in bt))
+        allb = var[se].get("all_branches_start")
         spread_rows = []
-        for fusion in dict.fromkeys(r["fusion"] for r in bt):
-            def spread(table, key):
-                vs = [r[key] for r in table if r["fusion"] == fusion]
-                return max(vs) / max(min(vs), 1e-30)
-            spread_rows.append(dict(fusion=fusion, b0=f"{spread(bt, 'var_start'):.2f}",
-                                    b1=f"{spread(bt, 'var_end'):.2f}", s0=f"{spread(st, 'var_start'):.2f}",
-                                    s1=f"{spread(st, 'var_end'):.2f}"))
-        lines.append(_table(spread_rows, ["fusion", "b0", "b1", "s0", "s1"],
-                            ["fusion", f"spread {base} start", "end", f"spread {se} start", "end"]))
-        eq = var[se]["equalizers"]
-        eq_rows = [dict(site=k, vin0=f"{v['var_in']:.4g}", vout0=f"{v['var_out']:.4g}",
-                        vin1=f"{eq['end'][k]['var_in']:.4g}", vout1=f"{eq['end'][k]['var_out']:.4g}")
-                   for k, v in eq["start"].items()]
-        lines += ["", f"Each equalizer of {se}, variance before -> after it:", "",
-                  _table(eq_rows, ["site", "vin0", "vout0", "vin1", "vout1"],
-                         ["site", "start: before SE", "start: after SE", "end: before SE", "end: after SE"]),
-                  "",
-                  "After calibration each equalizer's output has variance ≈ 1 on training-like batches (the "
-                  "calibration measures it on training batches, this table on validation scenes). The "
-                  "statistics are frozen after calibration (`se_mode='dataset'`), so at the end of training "
-                  "the equalized branch's variance follows the trained network, no longer exactly 1.",
-                  ""]
+        for k, fusion in enumerate(fusions):
+            def sp(table, key):
+                return _spread([r for r in table if r["fusion"] == fusion], key)
+            row = dict(fusion=fusion, b0=f"{sp(bt, 'var_start'):.2f}", b1=f"{sp(bt, 'var_end'):.2f}",
+                       s0=f"{sp(st, 'var_start'):.2f}", s1=f"{sp(st, 'var_end'):.2f}")
+            if allb is not None and k < len(allb["fusions"]):
+                row["a0"] = f"{_spread(allb['fusions'][k]['operands']):.2f}"
+            spread_rows.append(row)
+        cols = ["fusion", "b0", "b1", "s0", "s1"] + (["a0"] if allb is not None else [])
+        heads = ["fusion", f"{base} start", "end", f"{se} start", "end"] + (
+            [f"{se}, `equalize_all_branches=True`, start"] if allb is not None else [])
+        lines += ["Spread of the operand variances in each fusion (max / min; 1 = scale equilibrium):", "",
+                  _table(spread_rows, cols, heads), "",
+                  f"The paper's equalizers sit after the upsamplings only (`equalize_all_branches=False`, the "
+                  f"default): each upsampled branch is standardised with dataset-wide statistics (variance 1 on the "
+                  f"calibration data), while the branches that are not upsampled keep the scale the network gives "
+                  f"them — the {se} spread is that scale against 1. The last column rebuilds the same initial "
+                  f"weights with the option `equalize_all_branches=True` [decision], calibrated on training scenes, "
+                  f"so that every operand of every fusion is standardised.", ""]
     lines.append("![per-branch variance](se_variance.png)")
     return lines
 
@@ -336,21 +345,27 @@ def plot_metric_bars(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[st
 def plot_se_variance(prs: List[PairResult], path: str) -> None:
     plt = _plt()
     prs = [p for p in prs if len(p.mechanism.get("variance", {})) == 2]
-    fig, axes = plt.subplots(len(prs), 2, figsize=(13, 3.6 * len(prs)), squeeze=False)
+    fig, axes = plt.subplots(len(prs), 2, figsize=(13, 3.8 * len(prs)), squeeze=False)
     for row, pr in zip(axes, prs):
         (base, bvar), (se, svar) = list(pr.mechanism["variance"].items())
+        bt, st = bvar["table"], svar["table"]
+        allb = svar.get("all_branches_start")
+        allb_vars = [o["var"] for f in allb["fusions"] for o in f["operands"]] if allb else None
+        labels = [f"{t['fusion'].split(':')[0]}: {t['site'] or t['operand']}" for t in st]
         for ax, when in zip(row, ("start", "end")):
-            bt, st = bvar["table"], svar["table"]
-            labels = [f"{b['fusion'].split(':')[0]}:{b['operand'][:14]}" for b in bt]
-            xs = range(len(bt))
-            w = 0.4
-            ax.bar([x - w / 2 for x in xs], [b[f"var_{when}"] for b in bt], w, label=base, color="#888888")
-            ax.bar([x + w / 2 for x in xs], [s[f"var_{when}"] for s in st], w, label=se, color="#3b75af")
+            series = [(base, [b[f"var_{when}"] for b in bt], "#888888"),
+                      (se, [t[f"var_{when}"] for t in st], "#3b75af")]
+            if when == "start" and allb_vars is not None and len(allb_vars) == len(st):
+                series.append((f"{se} all branches", allb_vars, "#55a868"))
+            w = 0.8 / len(series)
+            for j, (name, vals, color) in enumerate(series):
+                ax.bar([x + (j - (len(series) - 1) / 2) * w for x in range(len(st))], vals, w, label=name,
+                       color=color)
             ax.set_yscale("log")
-            ax.set_xticks(list(xs))
+            ax.set_xticks(list(range(len(st))))
             ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
             ax.set_ylabel("variance entering the fusion")
-            ax.set_title(f"{pr.title} — {'init / after calibration' if when == 'start' else 'after training'}",
+            ax.set_title(f"{pr.title} — {'initial weights (SE: calibrated)' if when == 'start' else 'trained'}",
                          fontsize=8)
             ax.legend(fontsize=7)
             ax.grid(axis="y", alpha=0.3)

@@ -169,12 +169,18 @@ class FusionVarianceRecorder(TorchFunctionMode):
     heads' own call-site mode, so it sees what actually enters each fusion).
     ``F.interpolate`` outputs are marked ``'upsampled xF'``; the output of a
     :class:`~kim_plugins.layers.scale_equalizer.ScaleEqualizer` (forward hooks
-    added by :meth:`watch`) is marked ``'<input label> -> SE(<site>)'`` and its
-    input and output variances are recorded.
+    added by :meth:`watch`) is marked ``'SE(<site>)'``; labels chain through
+    both (a calibrated equalizer may act before the resize, which commutes
+    with a constant affine map). For every operand that passed an equalizer
+    the variance it would have without it is recorded too: the equalizer is
+    the scalar affine map ``x * s + t``, so that is ``Var / s^2``, with ``s^2``
+    measured as the equalizer's output / input variance.
 
     Attributes:
-        fusions: ``[{'kind': 'concat'|'add', 'size': (h, w), 'operands': [{'label', 'var'}]}]`` in call order.
-        equalizers: ``{site: {'var_in', 'var_out'}}``.
+        fusions: ``[{'kind': 'concat'|'add', 'size': (h, w), 'operands': [{'label', 'var', 'site',
+            'var_without_se'}]}]`` in call order (``site``/``var_without_se`` only behind an equalizer).
+        equalizers: ``{site: {'var_in', 'var_out', 'scale_sq'}}`` (variances of the equalizer's own input and
+            output, wherever it acts).
     """
 
     def __init__(self) -> None:
@@ -184,14 +190,18 @@ class FusionVarianceRecorder(TorchFunctionMode):
         self.equalizers: Dict[str, Dict[str, float]] = {}
         self._handles: List[Any] = []
 
-    def _mark(self, t: torch.Tensor, label: str) -> None:
-        self._labels[id(t)] = (weakref.ref(t), label)
+    def _mark(self, t: torch.Tensor, label: str, site: Optional[str] = None) -> None:
+        self._labels[id(t)] = (weakref.ref(t), label, site)
 
-    def label(self, t: Any) -> Optional[str]:
+    def _entry(self, t: Any):
         if not isinstance(t, torch.Tensor):
             return None
         entry = self._labels.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else None
+        return entry if entry is not None and entry[0]() is t else None
+
+    def label(self, t: Any) -> Optional[str]:
+        entry = self._entry(t)
+        return entry[1] if entry is not None else None
 
     def watch(self, head: nn.Module) -> "FusionVarianceRecorder":
         """Hook every scale equalizer of ``head`` (``head.scale_equalizers``, if any)."""
@@ -202,9 +212,10 @@ class FusionVarianceRecorder(TorchFunctionMode):
                 continue
 
             def hook(module, inputs, output, site=site):
-                src = self.label(inputs[0]) or "input"
-                self.equalizers[site] = dict(var_in=_var(inputs[0]), var_out=_var(output))
-                self._mark(output, f"{src} -> SE({site})")
+                src = self.label(inputs[0])
+                var_in, var_out = _var(inputs[0]), _var(output)
+                self.equalizers[site] = dict(var_in=var_in, var_out=var_out, scale_sq=var_out / max(var_in, 1e-30))
+                self._mark(output, f"{src} -> SE({site})" if src else f"SE({site})", site)
 
             self._handles.append(se.register_forward_hook(hook))
         return self
@@ -218,11 +229,15 @@ class FusionVarianceRecorder(TorchFunctionMode):
         ops = []
         direct = 0
         for t in tensors:
-            lab = self.label(t)
-            if lab is None:
+            entry = self._entry(t)
+            if entry is None:
                 direct += 1
-                lab = f"direct #{direct}"
-            ops.append(dict(label=lab, var=_var(t)))
+                ops.append(dict(label=f"direct #{direct}", var=_var(t)))
+                continue
+            op = dict(label=entry[1], var=_var(t))
+            if entry[2] is not None:
+                op.update(site=entry[2], var_without_se=op["var"] / self.equalizers[entry[2]]["scale_sq"])
+            ops.append(op)
         self.fusions.append(dict(kind=kind, size=tuple(tensors[0].shape[-2:]), operands=ops))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -231,7 +246,8 @@ class FusionVarianceRecorder(TorchFunctionMode):
         if func is F.interpolate:
             x = args[0] if args else kwargs["input"]
             factor = out.shape[-1] / max(1, x.shape[-1])
-            self._mark(out, f"upsampled x{factor:g}")
+            src = self._entry(x)
+            self._mark(out, (f"{src[1]} -> " if src else "") + f"upsampled x{factor:.3g}", src[2] if src else None)
         elif func in _CATS:
             tensors = list(args[0] if args else kwargs["tensors"])
             if any(self.label(t) for t in tensors):
@@ -447,8 +463,34 @@ def _fusion_table(head_name: str, start: Dict, end: Dict) -> List[Dict[str, Any]
     for k, (fs, fe) in enumerate(zip(start["fusions"], end["fusions"])):
         for os_, oe in zip(fs["operands"], fe["operands"]):
             rows.append(dict(head=head_name, fusion=f"{k + 1}: {fs['kind']} @{fs['size'][0]}x{fs['size'][1]}",
-                             operand=os_["label"], var_start=os_["var"], var_end=oe["var"]))
+                             operand=os_["label"], site=os_.get("site"), var_start=os_["var"], var_end=oe["var"],
+                             var_start_without_se=os_.get("var_without_se"),
+                             var_end_without_se=oe.get("var_without_se")))
     return rows
+
+
+def all_branches_variant(se_model: nn.Module, model_cfg: Dict[str, Any], calib_batches: List[Any],
+                         images: torch.Tensor) -> Dict[str, Any]:
+    """The SE head rebuilt with ``equalize_all_branches=True`` on the same weights, calibrated, measured.
+
+    The extra equalizers (on the non-upsampled operands) hold no parameters,
+    so the SE model's state dict loads unchanged; all equalizers are
+    calibrated with :func:`~kim_plugins.layers.scale_equalizer.calibrate_scale_equalizers`
+    on ``calib_batches`` (training scenes) as the calibration hook would.
+    """
+    from mmseg.registry import MODELS
+
+    from kim_plugins.layers.scale_equalizer import calibrate_scale_equalizers
+    from kim_plugins.mmseg.se_hook import mmseg_calibration_forward
+
+    cfg = copy.deepcopy(model_cfg)
+    cfg["decode_head"]["equalize_all_branches"] = True
+    model = MODELS.build(cfg).to(next(se_model.parameters()).device)
+    missing, unexpected = model.load_state_dict(se_model.state_dict(), strict=False)
+    if unexpected or any(".scale_equalizers." not in k for k in missing):
+        raise RuntimeError(f"equalize_all_branches=True changed parameters: missing {missing}, unexpected {unexpected}")
+    calibrate_scale_equalizers(model, calib_batches, forward_fn=mmseg_calibration_forward)
+    return measure_fusion_variances(model, images)
 
 
 def _train_variant(pair: str, name: str, head: str, head_kw: Dict[str, Any], seed: int, size: int, settings, data,
@@ -480,6 +522,13 @@ def _train_variant(pair: str, name: str, head: str, head_kw: Dict[str, Any], see
     if seed == 0:
         n = max(settings.erf_images, settings.variance_images)
         out.update(model=model, init_model=hook.init_model, images=val_images(runner, n))
+        if head.startswith("SE"):
+            from mmengine.dataset import pseudo_collate
+
+            ds, bs = runner.train_dataloader.dataset, settings.seg_batch
+            out["calib_batches"] = [pseudo_collate([ds[i % len(ds)] for i in range(k * bs, (k + 1) * bs)])
+                                    for k in range(settings.se_calib_batches)]
+            out["cfg"] = model_cfg
     cache[key] = out
     return out
 
@@ -532,10 +581,13 @@ def run_seg_pair(pair: str, settings, data, out_dir: str, device: str,
                 continue
             probes = dict(start=run["init_model"], end=run["model"])
             if is_se:
-                measured = {w: measure_fusion_variances(m, run["images"][:settings.variance_images])
-                            for w, m in probes.items()}
+                imgs = run["images"][:settings.variance_images]
+                measured = {w: measure_fusion_variances(m, imgs) for w, m in probes.items()}
                 variances[name] = dict(table=_fusion_table(name, measured["start"], measured["end"]),
                                        equalizers={w: measured[w]["equalizers"] for w in measured})
+                if "cfg" in run:  # the option equalize_all_branches=True, same initial weights, calibrated
+                    variances[name]["all_branches_start"] = all_branches_variant(
+                        run["init_model"], run["cfg"], run["calib_batches"], imgs)
             if is_rates:
                 erfs[name] = {}
                 for w, m in probes.items():
