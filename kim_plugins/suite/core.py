@@ -125,6 +125,16 @@ def _load() -> str:
         return "n/a"
 
 
+def _peak_rss() -> str:
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return f"{kib / 1024 ** 2:.2f} GiB"
+    except (ImportError, OSError):
+        return "n/a"
+
+
 def _versions() -> str:
     out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for mod in ("timm", "mmseg", "mmengine", "mmcv"):
@@ -220,6 +230,7 @@ def run_suite(opts: SuiteOptions) -> Dict[str, Any]:
         "wall time": f"{wall / 60:.1f} min (data {data_s:.0f} s; " + ", ".join(
             f"{p} {t:.0f} s" for p, t in pair_times.items()) + ")",
         "process CPU time": f"{(time.process_time() - cpu_start) / 60:.1f} min",
+        "peak memory (RSS)": _peak_rss(),
         "budget": "none" if budget_min is None else f"{budget_min:g} min (plan scale {factor:g}, "
                                                      f"estimated {estimate / 60:.1f} min)",
         "data": f"Fashion-MNIST from `{data.fashion_mnist_dir}` (60k train / 10k test)"

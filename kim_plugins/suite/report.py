@@ -317,9 +317,15 @@ def _plt():
 
 def plot_metric_bars(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[str, str], path: str) -> None:
     plt = _plt()
+    import textwrap
+
     pairs = list(summaries)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs) + 1, 4), squeeze=False)
-    for ax, pair in zip(axes[0], pairs):
+    cols = min(3, len(pairs))
+    rows_n = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.8 * rows_n), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.axis("off")
+    for ax, pair in zip(axes.flat, pairs):
         rows = summaries[pair]
         xs = range(len(rows))
         means = [r["mean"] for r in rows]
@@ -330,13 +336,14 @@ def plot_metric_bars(summaries: Dict[str, List[Dict[str, Any]]], titles: Dict[st
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"{rows[0]['metric']} (%)")
-        ax.set_title(titles[pair], fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(titles[pair], 45)), fontsize=8)
         lo = min(min(r["values"]) for r in rows)
         hi = max(max(r["values"]) for r in rows)
         pad = max(1.0, 0.5 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Accuracy per variant (bars: mean over seeds ± std; dots: seeds; grey: baseline)", fontsize=9)
+    fig.suptitle("Accuracy per variant (bars: mean over seeds ± std; dots: seeds; grey: baseline; y axis not at 0)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -362,6 +369,8 @@ def plot_se_variance(prs: List[PairResult], path: str) -> None:
                 ax.bar([x + (j - (len(series) - 1) / 2) * w for x in range(len(st))], vals, w, label=name,
                        color=color)
             ax.set_yscale("log")
+            every = [v for _, vals, _ in series for v in vals]
+            ax.set_ylim(min(every) / 1.5, max(every) * 1.5)
             ax.set_xticks(list(range(len(st))))
             ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
             ax.set_ylabel("variance entering the fusion")
