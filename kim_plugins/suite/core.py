@@ -205,8 +205,13 @@ def run_suite(opts: SuiteOptions) -> Dict[str, Any]:
     data_s = time.perf_counter() - t_data
 
     results, failed, pair_times, seg_cache = [], {}, {}, {}
+    fixed = estimate_cost([], settings, costs, True)
+    pair_est = {p: estimate_cost(pairs[:k + 1], settings, costs, True) - estimate_cost(pairs[:k], settings, costs, True)
+                for k, p in enumerate(pairs)}
     for i, pair in enumerate(pairs):
-        print(f"\n[suite] == {i + 1}/{len(pairs)} {pair} ==", flush=True)
+        left = fixed + sum(pair_est[p] for p in pairs[i:])
+        print(f"\n[suite] == {i + 1}/{len(pairs)} {pair} (about {pair_est[pair] / 60:.1f} min; elapsed "
+              f"{(time.perf_counter() - t_start) / 60:.1f} min, about {left / 60:.1f} min left) ==", flush=True)
         t0 = time.perf_counter()
         try:
             if pair in seg.SEG_PAIRS:
