@@ -3,7 +3,6 @@ import csv
 import gzip
 import os
 import runpy
-import sys
 
 import numpy as np
 import pytest
