@@ -88,22 +88,9 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> Config:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's test.py would run, with ``--tiny`` and the CPU launch applied."""
-    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name, tiny_data_root
-    from kim_plugins.mmseg.distributed import setup_launch
-    from kim_plugins.testing.tiny import tiny_config
+    from kim_plugins.mmseg.cli import finish_tool_config, load_tool_config
 
-    cfg = Config.fromfile(args.config)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir", None) is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
-    if args.tiny:
-        cfg = tiny_config(cfg, tiny_data_root(cfg, args.tiny), cfg.work_dir, crop_size=tuple(args.tiny_crop))
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
+    cfg = load_tool_config(args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
 
@@ -118,11 +105,7 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.out is not None:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True
-    if args.no_pretrained:
-        drop_pretrained(cfg)
-    fresh_visualizer_name(cfg)
-    setup_launch(cfg)
-    return cfg
+    return finish_tool_config(cfg, args)
 
 
 def main(argv: Optional[List[str]] = None):

@@ -73,24 +73,9 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config mmseg's train.py would run, with ``--tiny`` and the CPU launch applied."""
     from mmengine.logging import print_log
 
-    from kim_plugins.mmseg.cli import drop_pretrained, fresh_visualizer_name, tiny_data_root
-    from kim_plugins.mmseg.distributed import setup_launch
-    from kim_plugins.testing.tiny import tiny_config
+    from kim_plugins.mmseg.cli import finish_tool_config, load_tool_config
 
-    cfg = Config.fromfile(args.config)
-    # work_dir: CLI > config > ./work_dirs/<config name>, as in mmseg
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir", None) is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
-    if args.tiny:
-        cfg = tiny_config(cfg, tiny_data_root(cfg, args.tiny), cfg.work_dir,
-                          crop_size=tuple(args.tiny_crop), max_iters=args.tiny_iters)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
+    cfg = load_tool_config(args, max_iters=args.tiny_iters)
 
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.type
@@ -102,11 +87,7 @@ def build_config(args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
-    if args.no_pretrained:
-        drop_pretrained(cfg)
-    fresh_visualizer_name(cfg)
-    setup_launch(cfg)
-    return cfg
+    return finish_tool_config(cfg, args)
 
 
 def main(argv: Optional[List[str]] = None):

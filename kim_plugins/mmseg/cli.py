@@ -130,3 +130,43 @@ def tiny_data_root(cfg, spec: str) -> str:
                          f"{sorted(by_class)}. Pass --tiny DATA_ROOT instead")
     root = osp.join(cfg.work_dir, "tiny_data", f"rank{os.environ.get('RANK', '0')}")
     return make_dataset_fixture(names.pop(), root)
+
+
+def load_tool_config(args, **tiny_kwargs):
+    """The head shared by ``tools/train.py`` and ``tools/test.py``: load, work_dir, ``--tiny``, overrides.
+
+    work_dir is resolved as in mmseg (CLI > config > ``./work_dirs/<config name>``);
+    ``--tiny`` shrinks the config (``tiny_kwargs`` go to :func:`tiny_config`) before
+    ``--cfg-options`` apply, so user overrides win.
+    """
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from kim_plugins.testing.tiny import tiny_config
+
+    cfg = Config.fromfile(args.config)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir", None) is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.tiny:
+        cfg = tiny_config(cfg, tiny_data_root(cfg, args.tiny), cfg.work_dir, crop_size=tuple(args.tiny_crop),
+                          **tiny_kwargs)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    return cfg
+
+
+def finish_tool_config(cfg, args):
+    """The tail shared by the train and test tools: ``--no-pretrained``, visualizer name, launch set-up."""
+    from .distributed import setup_launch
+
+    if args.no_pretrained:
+        drop_pretrained(cfg)
+    fresh_visualizer_name(cfg)
+    setup_launch(cfg)
+    return cfg
