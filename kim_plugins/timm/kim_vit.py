@@ -46,7 +46,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_f
 from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpos_filter_fn
 
-from ..layers.gaussian_attention_bias import GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias
+from ..layers.gaussian_attention_bias import (GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias,
+                                              packed_attention_with_bias)
 
 __all__ = [
     "GabAttention",
@@ -108,6 +109,12 @@ class GabAttention(Attention):
     ) -> torch.Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
+        plain_qk = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if not torch.jit.is_scripting() and self.fused_attn and not is_causal and plain_qk:
+            # packed path: no split of the qkv projection (saves copies on CPU while σ, a are trained)
+            x = packed_attention_with_bias(self.qkv(x), self.num_heads, attn_mask,
+                                           dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+            return self._merged_heads_out(x, gate)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -122,8 +129,9 @@ class GabAttention(Attention):
             attn = attn.softmax(dim=-1)
             attn = self.attn_drop(attn)
             x = attn @ v
+        return self._merged_heads_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    def _merged_heads_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
         if gate is not None:
             x = x * gate
@@ -174,17 +182,23 @@ class GabRelPosAttention(RelPosAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q = self.q_norm(q)
-        k = self.k_norm(k)
-
         if self.rel_pos is not None:
             attn_bias = self.rel_pos.get_bias()
         else:
             attn_bias = shared_rel_pos
         if attn_mask is not None:
             attn_bias = attn_mask if attn_bias is None else attn_bias + attn_mask
+
+        plain_qk = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if not torch.jit.is_scripting() and self.fused_attn and plain_qk:
+            # packed path, as in GabAttention
+            x = packed_attention_with_bias(self.qkv(x), self.num_heads, attn_bias,
+                                           dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+            return self.proj_drop(self.proj(x))
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = self.q_norm(q)
+        k = self.k_norm(k)
 
         if self.fused_attn:
             x = attention_with_bias(q, k, v, attn_bias, dropout_p=self.attn_drop.p if self.training else 0.)

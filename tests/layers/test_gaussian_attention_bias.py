@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from kim_plugins.layers.gaussian_attention_bias import (
     GaussianAttentionBias,
     attention_with_bias,
+    packed_attention_with_bias,
     gaussian_attention_bias,
     grid_distance_sq,
 )
@@ -180,6 +181,40 @@ def test_attention_with_bias_matches_sdpa(bias_shape):
     ref = run(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 1, 7, 7), (1, 3, 7, 7), (2, 1, 7, 7), (2, 3, 7, 7), (7, 7)])
+def test_packed_attention_with_bias_matches_split_sdpa(bias_shape):
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 3 * 3 * 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.linspace(-1, 1, 24, dtype=torch.float64)
+
+    def reference():
+        q, k, v = qkv.reshape(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)  # timm's Attention
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).transpose(1, 2).reshape(2, 7, 24)
+
+    outs = []
+    for fn in (lambda: packed_attention_with_bias(qkv, 3, bias, scale=0.3), reference):
+        out = fn()
+        outs.append((out,) + torch.autograd.grad((out * weight).sum(), (qkv, bias)))
+    assert outs[0][0].grad_fn.name().startswith("_PackedAttentionWithLearnableBias")  # the hand-written path ran
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_packed_attention_with_bias_default_scale_and_sdpa_cases():
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 5, 3 * 2 * 4)
+    q, k, v = qkv.reshape(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = torch.randn(1, 2, 5, 5, requires_grad=True)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(1, 5, 8)
+    torch.testing.assert_close(packed_attention_with_bias(qkv, 2, bias), expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # constant bias: SDPA itself, bit for bit
+        out = packed_attention_with_bias(qkv, 2, bias)
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(1, 5, 8))
+    with pytest.raises(ValueError, match="qkv width 24 is not 3 x num_heads \\(5\\)"):
+        packed_attention_with_bias(qkv, 5, bias)
 
 
 def test_attention_with_bias_uses_sdpa_when_bias_is_constant():

@@ -320,3 +320,33 @@ def test_model_classes():
     assert type(_small("vit_small_patch16_gab_224")) is GabVisionTransformer
     assert type(_small("vit_relpos_base_patch16_gab_224")) is GabVisionTransformerRelPos
     assert type(_small("vit_base_patch16_pln_224")) is timm.models.vision_transformer.VisionTransformer
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_gab_224", {}),
+    ("vit_tiny_patch16_gab_224", dict(gab_granularity="head", qk_norm=True)),  # q/k norm: the split path
+    ("vit_relpos_small_patch16_gab_224", {}),
+])
+def test_training_attention_paths_agree(name, kwargs):
+    """Train mode on CPU (hand-written attention, learnt bias) == timm's explicit softmax path, values and gradients."""
+    torch.manual_seed(0)
+    fast = _small(name, **kwargs).double()
+    slow = _small(name, **kwargs).double()
+    slow.load_state_dict(fast.state_dict())
+    for m in slow.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    x = _x().double()
+    grads = []
+    for model in (fast, slow):
+        torch.manual_seed(1)  # same dropout draws (the relpos MLP has dropout)
+        out = model(x)
+        out.square().sum().backward()
+        grads.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-9, atol=1e-11, msg=n)
+    # the last block only feeds the class token, whose bias row is zero: its σ, a get no gradient by design
+    gab_grads = [g for n, g in grads[0][1].items() if n.startswith("blocks.0.") and "gab_" in n]
+    assert len(gab_grads) == 2 and all(g.abs().sum() > 0 for g in gab_grads)
