@@ -2,7 +2,7 @@
 
 Plain torch training loops over timm models: images padded from 28 to 32
 pixels, grey replicated to RGB, normalised with the model's
-``pretrained_cfg`` mean/std (as ``tools/robustness.py`` does); AdamW through
+``pretrained_cfg`` mean/std (as :mod:`kim_plugins.robustness` does); AdamW through
 ``timm.optim.create_optimizer_v2`` (which honours ``no_weight_decay()``, so the
 GAB parameters are not decayed), cosine schedule with warm-up from
 ``timm.scheduler``. Inside a pair every variant is created after
@@ -12,7 +12,7 @@ plugin; the runs record digests of both to show it.
 
 Mechanisms measured here:
 
-- ViT: PLN's contrast-robustness curve (``tools/robustness.py``'s
+- ViT: PLN's contrast-robustness curve (:mod:`kim_plugins.robustness`'s
   ``contrast_change``/``evaluate``); the PLN invariance LN(a*y) = LN(y)
   checked on the trained models by scaling the patch projection; the learnt
   GAB sigma and amplitude per block.
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
-import os
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -35,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CLS_PAIRS", "make_classifier", "train_classifier", "evaluate_top1", "run_cls_pair", "robustness_tool"]
+from kim_plugins import robustness
+
+__all__ = ["CLS_PAIRS", "make_classifier", "train_classifier", "evaluate_top1", "run_cls_pair"]
 
 #: pair id -> title, variants [(display name, timm name, is baseline)], metric name
 CLS_PAIRS: Dict[str, Dict[str, Any]] = {
@@ -49,21 +49,6 @@ CLS_PAIRS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def robustness_tool():
-    """``tools/robustness.py`` of the source checkout, imported as a module (its contrast definitions)."""
-    import kim_plugins
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(kim_plugins.__file__))), "tools",
-                        "robustness.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the ViT pair's robustness curve uses tools/robustness.py of a "
-                                f"kim_plugins source checkout; run the suite from the repository, or --only se,rates,sap")
-    spec = importlib.util.spec_from_file_location("kim_plugins_tools_robustness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_classifier(timm_name: str, overrides: Dict[str, Any], seed: int) -> nn.Module:
     """``timm.create_model(timm_name, num_classes=10, **overrides)`` after ``torch.manual_seed(seed)``."""
     import timm
@@ -72,13 +57,6 @@ def make_classifier(timm_name: str, overrides: Dict[str, Any], seed: int) -> nn.
 
     torch.manual_seed(seed)
     return timm.create_model(timm_name, pretrained=False, num_classes=10, **overrides)
-
-
-def _normalizer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-    return lambda x: (x - mean.to(x.device)) / std.to(x.device)
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -95,7 +73,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     from tqdm import tqdm
 
     model.to(device).train()
-    normalize = _normalizer(model)
+    normalize = robustness.normalizer(model)
     opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, iters // 10)
     sched = CosineLRScheduler(opt, t_initial=iters, warmup_t=warmup, warmup_lr_init=lr * 0.01, lr_min=lr * 0.01,
@@ -135,7 +113,7 @@ def evaluate_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, devi
                   batch_size: int = 500) -> float:
     """Top-1 accuracy (%) in eval mode."""
     model.eval()
-    normalize = _normalizer(model)
+    normalize = robustness.normalizer(model)
     correct = 0
     for i in range(0, len(images), batch_size):
         x = to_input(images[i:i + batch_size]).to(device)
@@ -182,7 +160,7 @@ def pln_scale_invariance(model: nn.Module, images: torch.Tensor, alphas: Sequenc
     ViT changes.
     """
     model.eval()
-    normalize = _normalizer(model)
+    normalize = robustness.normalizer(model)
     x = normalize(images)
     ref = model(x)
     worst = 0.0
@@ -230,7 +208,7 @@ def sap_consistency(sap_model: nn.Module, plain_name: str, overrides: Dict[str, 
             1x1 pooled map) or its eval output differs from the plain ResNet's with the same weights.
     """
     device = next(sap_model.parameters()).device
-    normalize = _normalizer(sap_model)
+    normalize = robustness.normalizer(sap_model)
     x = normalize(images.to(device))
     sap_model.eval()
     feats = sap_model.forward_features(x)
@@ -277,18 +255,6 @@ def sap_consistency(sap_model: nn.Module, plain_name: str, overrides: Dict[str, 
                 dropout_p=drop_p, dropout_mean_rel_err=mean_err(dropped), dropout_var_ratio=var_ratio(dropped))
 
 
-class _CpuIO(nn.Module):
-    """Takes and returns CPU tensors around a model on ``device`` (the robustness tool works on CPU tensors)."""
-
-    def __init__(self, model: nn.Module, device: str) -> None:
-        super().__init__()
-        self.model, self.device = model, device
-        self.pretrained_cfg = model.pretrained_cfg
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.device)).cpu()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the pairs
 # ---------------------------------------------------------------------------------------------------------
@@ -304,9 +270,8 @@ def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
     result = PairResult(pair=pair, title=spec["title"], description="", metric="top-1")
     robust: Dict[str, Dict[float, float]] = {}
     rows = None
-    tool = robustness_tool() if pair == "vit" else None
-    if tool is not None:
-        rows = tool.severity_table(tool.REDUCE_DEFAULT, tool.ENHANCE_DEFAULT)
+    if pair == "vit":
+        rows = robustness.severity_table(robustness.REDUCE_DEFAULT, robustness.ENHANCE_DEFAULT)
     probe_images = to_input(data.test_images[:256])
     for seed in range(settings.seeds):
         for name, timm_name, baseline in spec["variants"]:
@@ -329,7 +294,7 @@ def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
                     for i in range(0, len(ys), 500):
                         yield xs[i:i + 500], ys[i:i + 500]
 
-                robust[name] = tool.evaluate(_CpuIO(model, device), batches, factors, len(ys), progress=False)
+                robust[name] = robustness.evaluate(model, batches, factors, len(ys), progress=False)
                 extra["pln_scale_max_abs_logit_change"] = pln_scale_invariance(model, probe_images[:64].to(device))
                 gab = gab_parameters(model)
                 if gab:

@@ -476,11 +476,11 @@ def write_report(out_dir: str, results: List[PairResult], run_info: Dict[str, An
         files["erf_rates.png"] = os.path.join(out_dir, "erf_rates.png")
     if "vit" in by_pair:
         rob = by_pair["vit"].mechanism["robustness"]
-        from kim_plugins.suite.cls import robustness_tool
-        robustness_tool().plot(rob["accuracy"], rob["rows"],
-                               f"Fashion-MNIST test ({rob['images']} images), models trained "
-                               f"{by_pair['vit'].runs[0].iters} iterations here (seed 0)",
-                               os.path.join(out_dir, "robustness.png"))
+        from kim_plugins.robustness import plot as plot_robustness
+        plot_robustness(rob["accuracy"], rob["rows"],
+                        f"Fashion-MNIST test ({rob['images']} images), models trained "
+                        f"{by_pair['vit'].runs[0].iters} iterations here (seed 0)",
+                        os.path.join(out_dir, "robustness.png"))
         files["robustness.png"] = os.path.join(out_dir, "robustness.png")
     if "sap" in by_pair and by_pair["sap"].mechanism.get("sap"):
         plot_sap(by_pair["sap"].mechanism["sap"], os.path.join(out_dir, "sap_consistency.png"))
