@@ -28,9 +28,11 @@ Project decisions (see ``METHODS.md`` §3):
   the logits and keeps the fused kernel (:func:`attention_with_bias`). One
   exception, on CPU only: when the bias itself needs a gradient (training σ
   and a), torch's SDPA has no fused CPU kernel for that and falls back to its
-  generic math path; :func:`attention_with_bias` then uses an exact
-  hand-written forward/backward instead, which computes the same values
-  (tested against SDPA) about 1.2x faster than that fallback.
+  generic math path; :func:`attention_with_bias` (separate q, k, v) and
+  :func:`packed_attention_with_bias` (timm's packed qkv projection, fewer
+  copies) then use an exact hand-written forward/backward instead, which
+  computes the same values and gradients (tested against SDPA) faster than
+  that fallback.
 
 This file needs only torch.
 """
