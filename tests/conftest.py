@@ -18,6 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Every test starts on one intra-op thread, even after a tool run in-process set ``--threads``."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def fixture_root(tmp_path_factory) -> str:
     """Folder holding every dataset fixture: ``<root>/<name>`` for each of FIXTURES."""

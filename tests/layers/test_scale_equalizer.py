@@ -15,15 +15,6 @@ from kim_plugins.layers.scale_equalizer import (BorderCorrectedConv2d, ScaleEqua
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster than two on a shared, loaded CPU (and never oversubscribes)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The problem: bilinear upsampling shrinks the variance
 # ---------------------------------------------------------------------------------------------------------

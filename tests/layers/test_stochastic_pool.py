@@ -25,14 +25,6 @@ from kim_plugins.layers.stochastic_pool import (StochasticAdaptiveAvgPool1d, Sto
 P = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes 2 threads far slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 # (name, plain pool, input spatial size): the shortcut and global pools of ResNet-D, partial border
 # windows, zero padding in and out of the count, divisor_override, overlapping windows, timm's
 # 'SAME' pool, uneven adaptive bins (PSP), and the 1D forms.

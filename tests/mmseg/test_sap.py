@@ -23,15 +23,6 @@ CFG = os.path.join(ROOT, "configs", "stochastic_pooling")
 D8 = dict(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes 2 threads far slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _stochastic(model):
     return {n: type(m) for n, m in model.named_modules() if isinstance(m, STOCHASTIC_POOL_TYPES)}
 

@@ -34,15 +34,6 @@ FAMILIES = [
 RECORDED = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster than two on a shared, loaded CPU (and never oversubscribes)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @HOOKS.register_module(force=True)
 class _RecordTrainBatches(Hook):
     """Test helper: records what every training iteration is fed."""

@@ -22,15 +22,6 @@ EPS = 1e-5
 BN = dict(type="BN", requires_grad=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster than two on a shared, loaded CPU (and never oversubscribes)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _inputs(shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*s, generator=g) for s in shapes]

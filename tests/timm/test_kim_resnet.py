@@ -14,15 +14,6 @@ NAMES = {"resnet18_sap": "resnet18", "resnet50_sap": "resnet50",
 SIZE = 64  # 2x2 final map: global pool K = 4, k = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes 2 threads ~50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _stochastic(model):
     return {n: type(m) for n, m in model.named_modules() if isinstance(m, STOCHASTIC_POOL_TYPES)}
 
