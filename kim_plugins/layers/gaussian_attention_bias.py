@@ -245,10 +245,11 @@ class _PackedAttentionWithLearnableBias(torch.autograd.Function):
         return d_stacked.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D), d_bias, None, None
 
 
-def _use_hand_written(q: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
-    # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout
+def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
+    # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
+    # ``query`` is q or the packed qkv projection (only its device and dtype are read)
     return (attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
-            and q.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == q.dtype)
+            and query.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == query.dtype)
 
 
 def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
