@@ -45,7 +45,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
-           "attention_with_bias", "packed_attention_with_bias"]
+           "attention_with_bias", "packed_attention_with_bias", "FLEX_MIN_TOKENS", "flex_attention_available",
+           "use_flex_gaussian_attention", "gaussian_score_mod", "flex_gaussian_attention"]
 
 #: ``'block'``: one (σ, a) per block, shared over heads (paper default);
 #: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
@@ -308,6 +309,135 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
     return x.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
+#: Token count from which ``flex=None`` (auto) computes the bias inside the attention kernel on CUDA
+#: instead of materialising it [decision: 2048 tokens = a 45x45 grid, e.g. ViT-B/16 from 720 px; below it the
+#: per-block bias (heads·T² floats) is small next to the activations and SDPA's fused kernels are faster].
+FLEX_MIN_TOKENS = 2048
+
+
+def flex_attention_available() -> bool:
+    """Whether ``torch.nn.attention.flex_attention`` exists in the installed torch (2.5 and later)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_flex_gaussian_attention(num_tokens: int, device: torch.device, dropout_p: float = 0.0,
+                                flex: Optional[bool] = None, min_tokens: int = FLEX_MIN_TOKENS) -> bool:
+    """Whether :func:`flex_gaussian_attention` (bias never materialised) serves this call.
+
+    Args:
+        num_tokens: Tokens per image (prefix + patches).
+        device: Device of the attention inputs.
+        dropout_p: Attention dropout of this call (flex attention has none).
+        flex: ``True``: always (an error where it cannot run); ``False``: never; ``None`` (default):
+            on CUDA from ``min_tokens`` tokens, when torch has flex attention and there is no dropout.
+        min_tokens: The automatic threshold.
+
+    Raises:
+        RuntimeError: ``flex=True`` but torch has no flex attention, or ``dropout_p > 0``.
+    """
+    if flex is None:
+        return (device.type == "cuda" and num_tokens >= min_tokens and dropout_p == 0.0
+                and flex_attention_available())
+    if flex and not flex_attention_available():
+        raise RuntimeError(f"flex=True needs torch.nn.attention.flex_attention (torch >= 2.5); this torch is "
+                           f"{torch.__version__}: use flex=None or False")
+    if flex and dropout_p > 0.0:
+        raise RuntimeError(f"flex=True cannot apply attention dropout (attn_drop={dropout_p}): use flex=None, "
+                           f"which materialises the bias when dropout is on, or attn_drop_rate=0")
+    return bool(flex)
+
+
+def gaussian_score_mod(sigma: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
+                       num_prefix_tokens: int = 0):
+    """``score_mod`` for flex attention adding ``a² · exp(-(dh² + dw²) / (2σ²))`` to each logit.
+
+    The offset ``(dh, dw)`` comes from the query and key indices (row-major
+    patch grid after ``num_prefix_tokens`` prefix tokens, whose rows and
+    columns get zero bias), so the ``(T, T)`` bias is never stored.
+    Gradients reach ``sigma`` and ``amplitude`` through flex attention's
+    captured-tensor support.
+
+    Args:
+        sigma: ``(P,)`` σ in patch units (``P`` = 1 or number of heads), as the module computes it.
+        amplitude: ``(P,)`` amplitude ``a``.
+        grid_size: ``(H, W)`` of the patch grid.
+        num_prefix_tokens: Class/register tokens before the patch tokens.
+
+    Returns:
+        ``score_mod(score, b, h, q_idx, kv_idx)``.
+    """
+    width = int(grid_size[1])
+    neg_inv_two_var = -0.5 / (sigma * sigma)
+    amp_sq = amplitude * amplitude
+    per_head = sigma.numel() > 1
+    p = int(num_prefix_tokens)
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:
+        hi = h if per_head else 0
+        qp, kp = q_idx - p, kv_idx - p
+        dh = (qp // width - kp // width).to(neg_inv_two_var.dtype)
+        dw = (qp % width - kp % width).to(neg_inv_two_var.dtype)
+        bias = amp_sq[hi] * torch.exp((dh * dh + dw * dw) * neg_inv_two_var[hi])
+        if p > 0:
+            bias = torch.where((qp >= 0) & (kp >= 0), bias, torch.zeros_like(bias))
+        return score + bias.to(score.dtype)
+
+    return score_mod
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_kernel(device: torch.device):
+    # CUDA: the compiled (fused, never materialising) kernel; elsewhere torch's eager reference implementation
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_gaussian_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                            amplitude: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 0,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + B) v`` with the Gaussian bias ``B`` computed inside the attention kernel.
+
+    Same result as ``attention_with_bias(q, k, v, gaussian bias)`` without the
+    ``(heads, T, T)`` bias in memory (nor its gradient): on CUDA through the
+    compiled :func:`torch.nn.attention.flex_attention` kernel. On CPU torch's
+    flex attention runs an unfused reference (for tests; it has no backward
+    for ``q, k, v`` there).
+
+    Args:
+        q, k, v: ``(B, heads, T, head_dim)`` with ``T = num_prefix_tokens + H * W``.
+        sigma, amplitude: ``(P,)`` σ and ``a`` (``P`` = 1 or heads).
+        grid_size: ``(H, W)`` of the patch grid.
+        num_prefix_tokens: Prefix tokens (zero bias).
+        scale: Logit scale; default ``head_dim ** -0.5``.
+
+    Raises:
+        ValueError: ``T`` does not match the grid and prefix, or ``P`` is neither 1 nor ``heads``.
+    """
+    grid = _to_grid(grid_size)
+    tokens = num_prefix_tokens + grid[0] * grid[1]
+    if q.shape[-2] != tokens or k.shape[-2] != tokens:
+        raise ValueError(f"flex Gaussian attention: {q.shape[-2]} query / {k.shape[-2]} key tokens, but the grid "
+                         f"{grid} with {num_prefix_tokens} prefix tokens has {tokens}")
+    if sigma.numel() not in (1, q.shape[1]) or amplitude.numel() != sigma.numel():
+        raise ValueError(f"sigma ({sigma.numel()}) and amplitude ({amplitude.numel()}) need 1 or heads "
+                         f"({q.shape[1]}) values each")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the bias in float32+ under autocast
+    mod = gaussian_score_mod(sigma.reshape(-1).to(dtype), amplitude.reshape(-1).to(dtype), grid, num_prefix_tokens)
+    return _flex_kernel(q.device)(q, k, v, score_mod=mod, scale=scale)
+
+
 class GaussianAttentionBias(nn.Module):
     """Learnable Gaussian attention bias of one block (or of the whole network).
 
@@ -452,6 +582,36 @@ class GaussianAttentionBias(nn.Module):
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             self._bias_cache[key] = bias
         return bias
+
+    #: ``None``: :meth:`attention` computes the bias inside a flex-attention kernel on CUDA from
+    #: ``flex_min_tokens`` tokens; ``True``/``False``: always/never (set on the module or the class).
+    flex: Optional[bool] = None
+    flex_min_tokens: int = FLEX_MIN_TOKENS
+
+    @torch.jit.unused
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  grid_size: Optional[Tuple[int, int]] = None, dropout_p: float = 0.0,
+                  scale: Optional[float] = None) -> torch.Tensor:
+        """``softmax(q kᵀ · scale + bias) v`` with this module's bias, materialised or not.
+
+        From ``flex_min_tokens`` tokens on CUDA (or always with ``flex=True``)
+        the bias is computed inside the kernel (:func:`flex_gaussian_attention`);
+        otherwise it is materialised (:meth:`forward`, cached in eval) and
+        passed to :func:`attention_with_bias`. Same values and gradients.
+
+        Args:
+            q, k, v: ``(B, heads, T, head_dim)``.
+            grid_size: ``(H, W)`` patch grid (default: ``self.grid_size``).
+            dropout_p: Attention dropout probability.
+            scale: Logit scale; default ``head_dim ** -0.5``.
+        """
+        if use_flex_gaussian_attention(q.shape[-2], q.device, dropout_p, self.flex, self.flex_min_tokens):
+            grid = self.grid_size if grid_size is None else grid_size
+            if grid is None:
+                raise RuntimeError("GaussianAttentionBias.attention needs the patch grid: pass grid_size=(H, W)")
+            return flex_gaussian_attention(q, k, v, self.sigma, self.gab_amplitude, grid, self.num_prefix_tokens,
+                                           scale)
+        return attention_with_bias(q, k, v, self(grid_size), dropout_p=dropout_p, scale=scale)
 
     def train(self, mode: bool = True) -> "GaussianAttentionBias":
         self.clear_cache()
