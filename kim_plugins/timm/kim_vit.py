@@ -47,7 +47,7 @@ from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, 
 from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpos_filter_fn
 
 from ..layers.gaussian_attention_bias import (GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias,
-                                              packed_attention_with_bias)
+                                              packed_attention_with_bias, use_flex_gaussian_attention)
 
 __all__ = [
     "GabAttention",
@@ -131,6 +131,20 @@ class GabAttention(Attention):
             x = attn @ v
         return self._merged_heads_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
+    @torch.jit.unused
+    def forward_gaussian(self, x: torch.Tensor, gab: GaussianAttentionBias, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The same attention with ``gab``'s bias applied by :meth:`GaussianAttentionBias.attention`.
+
+        That computes the bias inside a flex-attention kernel instead of
+        materialising the ``(heads, T, T)`` bias (high resolutions on CUDA).
+        """
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = gab.attention(q, k, v, feat_size, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        return self._merged_heads_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+
     def _merged_heads_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
         if gate is not None:
@@ -163,12 +177,25 @@ class GabBlock(Block):
             is_causal: bool = False,
             feat_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        if self.gab is not None:
-            attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, is_causal)
-            is_causal = False
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if (not torch.jit.is_scripting() and self.gab is not None and attn_mask is None and not is_causal
+                and self._flex_gab(x)):
+            attn_out = self.attn.forward_gaussian(self.norm1(x), self.gab, feat_size)
+        else:
+            if self.gab is not None:
+                attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, is_causal)
+                is_causal = False
+            attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(attn_out))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    @torch.jit.unused
+    def _flex_gab(self, x: torch.Tensor) -> bool:
+        # the bias inside a flex-attention kernel (GaussianAttentionBias.flex / flex_min_tokens decide)
+        if not isinstance(self.attn, GabAttention):
+            return False
+        dropout = self.attn.attn_drop.p if self.training else 0.
+        return use_flex_gaussian_attention(x.shape[1], x.device, dropout, self.gab.flex, self.gab.flex_min_tokens)
 
 
 class GabRelPosAttention(RelPosAttention):

@@ -67,7 +67,9 @@ def test_every_section_ran_and_every_row_is_consistent(tiny_report):
     cases = {(r["case"], r["mode"]) for r in sections["se"]["rows"]}
     assert len(cases) == 10  # five heads, train and folded eval
     assert {r["mode"] for r in sections["gab"]["rows"]} == {"train", "eval"}
-    for row in sections["flex"]["rows"]:  # flex attention computes the materialised path's values
+    flex = sections["flex"]["rows"]
+    assert [r["mode"] for r in flex if "max_abs_diff" not in r] == ["eval (CPU: no flex backward)", "eval"]  # model
+    for row in flex[2:]:  # attention alone: flex attention computes the materialised path's values
         assert row["max_abs_diff"] < 1e-5
 
 

@@ -96,3 +96,37 @@ def test_token_count_must_match_the_grid():
     with pytest.raises(ValueError, match="1 or heads"):
         flex_gaussian_attention(q, k, v, torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                                 (3, 3), 1)
+
+
+@pytest.mark.parametrize("granularity", ["block", "head"])
+def test_gab_vit_with_the_bias_in_the_kernel_equals_the_materialised_bias(granularity):
+    import timm
+
+    import kim_plugins.timm  # noqa: F401  registrations
+    from kim_plugins.timm.kim_vit import GabBlock
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_gab_224", img_size=48, gab_granularity=granularity,
+                              num_classes=5).eval()
+    with torch.no_grad():
+        gab_params = [p for n, p in model.named_parameters() if ".gab." in n]
+        for i, prm in enumerate(gab_params):  # distinct σ, a per block (and head) so a mixed-up module would show
+            prm.add_(0.05 * i + 0.1 * torch.arange(prm.numel(), dtype=prm.dtype))
+    x = torch.randn(2, 3, 48, 48)
+    gabs = [m for m in model.modules() if isinstance(m, GaussianAttentionBias)]
+    calls = []
+    hooks = [b.attn.register_forward_hook(lambda *a: calls.append(1)) for b in model.blocks]  # plain path only
+    with torch.no_grad():
+        for g in gabs:
+            g.flex = False
+        ref = model(x)
+        n_plain = len(calls)
+        for g in gabs:
+            g.flex = True
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    assert n_plain == len(model.blocks) and len(calls) == n_plain  # the flex path bypassed attn.forward
+    assert isinstance(model.blocks[0], GabBlock)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - ref).abs().max() < 1e-4 and ref.abs().max() > 0
