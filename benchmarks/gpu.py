@@ -497,6 +497,7 @@ def section_flex(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:
     heads, dim = 12, 64
     grid, batch = ((4, 4), 2) if ctx.tiny else ((64, 64), 8)  # 1024 px / patch 16 = 64x64 = 4096 tokens (+ cls)
     dtype = torch.float32 if ctx.tiny else torch.bfloat16
+    amp = None if ctx.tiny else dtype
     tokens = 1 + grid[0] * grid[1]
     g = torch.Generator(device=ctx.device).manual_seed(0)
     qkv = [torch.randn(batch, heads, tokens, dim, device=ctx.device, dtype=dtype, generator=g) for _ in range(3)]
@@ -522,14 +523,16 @@ def section_flex(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:
         leaves = [t.detach().requires_grad_(qkv_grad and mode == "train") for t in qkv]
 
         def make(gab: GaussianAttentionBias) -> Callable[[], None]:
-            def run() -> None:
+            def run() -> None:  # under autocast, as in the model (the materialised bias is cast by it)
                 if mode == "train":
                     gab.zero_grad(set_to_none=True)
                     for t in leaves:
                         t.grad = None
-                    gab.attention(*leaves).float().square().mean().backward()
+                    with autocast(ctx, amp):
+                        out = gab.attention(*leaves)
+                    out.float().square().mean().backward()
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast(ctx, amp):
                         gab.attention(*leaves)
             return run
 
@@ -538,7 +541,7 @@ def section_flex(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:
         fns["plugin"]()  # compiles the flex kernel (forward and backward) on first use
         ctx.sync()
         first_call = time.perf_counter() - t0
-        with torch.no_grad():
+        with torch.no_grad(), autocast(ctx, amp):
             diff = (gabs["plugin"].attention(*leaves).float() - gabs["parent"].attention(*leaves).float()).abs()
         res = interleaved(ctx, fns, "parent", seconds)
         mem = (peak_memory(ctx, fns["parent"]), peak_memory(ctx, fns["plugin"]))
