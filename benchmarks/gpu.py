@@ -378,13 +378,16 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
             row["parent_img_s"] = batch / (row["parent_ms"] / 1e3)
             row["plugin_img_s"] = batch / (row["plugin_ms"] / 1e3)
             row["parent_weights_from_plugin"] = not loaded.missing_keys
-            if record_kernels:
+            if record_kernels and dt == dtypes[0]:
                 row["attention_kernels_plugin"] = attention_kernels(ctx, fns["plugin"])
                 row["attention_kernels_parent"] = attention_kernels(ctx, fns["parent"])
             rows.append(row)
         return rows
 
-    cases = [(p, h, s, d) for p, h in pairs for s in sizes for d in dtypes if d == dtypes[0] or s == sizes[0]]
+    # by priority, as later cases may fall out of the budget: every pair at the first size and dtype, then the
+    # other sizes, then the other dtypes at the first size
+    settings = [(s, dtypes[0]) for s in sizes] + [(sizes[0], d) for d in dtypes[1:]]
+    cases = [(p, h, s, d) for s, d in settings for p, h in pairs]
     return run_cases(ctx, cases, measure, describe)
 
 
