@@ -635,7 +635,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=300.0,
                    help="seconds for all sections together (default 300); later cases are skipped once spent")
     p.add_argument("--rounds", type=int, default=20, help="most timed rounds per comparison (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
     p.add_argument("--tiny", action="store_true",
                    help="toy sizes on any device (checks the script; the test suite runs it on CPU)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
