@@ -4,6 +4,10 @@ Every per-model check runs on small inputs (img_size 32, depth 2) to stay fast;
 the full-size models are checked by construction on the meta device.
 """
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -350,3 +354,17 @@ def test_training_attention_paths_agree(name, kwargs):
     # the last block only feeds the class token, whose bias row is zero: its σ, a get no gradient by design
     gab_grads = [g for n, g in grads[0][1].items() if n.startswith("blocks.0.") and "gab_" in n]
     assert len(gab_grads) == 2 and all(g.abs().sum() > 0 for g in gab_grads)
+
+
+def test_docs_timm_script_snippet_runs_in_a_fresh_interpreter():
+    """The 'From a timm script' block of docs/vit_plugins.md, verbatim, in a new process (nothing pre-imported)."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    doc = open(os.path.join(root, "docs", "vit_plugins.md")).read()
+    block = re.search(r"## From a timm script\n\n```python\n(.*?)```", doc, re.S).group(1)
+    assert "create_optimizer_v2" in block
+    # the models on the meta device: the snippet's imports and calls are what is checked, not the init
+    code = "import torch\ntorch.set_default_device('meta')\n" + block
+    code += "\nassert len(optimizer.param_groups) == 2\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
