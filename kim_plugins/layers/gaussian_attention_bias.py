@@ -38,11 +38,14 @@ This file needs only torch.
 """
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .plugin_state import KeepsStateWhenAbsent
 
 __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
            "attention_with_bias", "packed_attention_with_bias"]
@@ -308,7 +311,7 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
     return x.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-class GaussianAttentionBias(nn.Module):
+class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     """Learnable Gaussian attention bias of one block (or of the whole network).
 
     From "Understanding Gaussian Attention Bias of Vision Transformers Using
@@ -324,6 +327,10 @@ class GaussianAttentionBias(nn.Module):
     changed in place (optimizer step, ``copy_``), so a stale bias is never
     returned. Changes through ``param.data`` bypass version tracking: call
     :meth:`clear_cache` after such edits.
+
+    A state dict without any entry of this module (a checkpoint of the plain
+    host) loads strictly: σ and a keep their current values, and a log line
+    says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`).
 
     Args:
         grid_size: Default ``(H, W)`` patch grid, used when ``forward`` is
@@ -359,6 +366,12 @@ class GaussianAttentionBias(nn.Module):
             raise ValueError(f"sigma_init must be a finite number > 0 (σ is learnt as log σ), got {sigma_init!r}")
         if not (isinstance(amplitude_init, (int, float)) and math.isfinite(amplitude_init)):
             raise ValueError(f"amplitude_init must be a finite number, got {amplitude_init!r}")
+        if amplitude_init == 0:
+            warnings.warn("GaussianAttentionBias(amplitude_init=0) (timm models: gab_amplitude_init=0): the bias "
+                          "a²·exp(-d²/2σ²) and the gradients of σ and a (∝ a², 2a) are exactly 0, so σ and a never "
+                          "leave their initial values and the model stays its plain host; use a nonzero "
+                          "amplitude_init (paper: 1) unless that is the point (an ablation)", UserWarning,
+                          stacklevel=2)
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
