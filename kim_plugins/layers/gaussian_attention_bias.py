@@ -58,6 +58,17 @@ GAB_GRANULARITIES = ("block", "head", "network")
 _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
 
 
+@torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
+def _is_tracing() -> bool:
+    """A graph is being captured (torch.compile, torch.export, torch.fx symbolic tracing).
+
+    There the module computes the plain formula with plain torch ops: no
+    Python-side caches (keyed on data pointers and versions a fake or
+    symbolic tensor does not have) and no hand-written autograd functions.
+    """
+    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def _to_grid(grid_size: Union[int, Tuple[int, int]], what: str = "grid_size") -> Tuple[int, int]:
     if isinstance(grid_size, int):
         grid = (grid_size, grid_size)
@@ -250,8 +261,8 @@ class _PackedAttentionWithLearnableBias(torch.autograd.Function):
 
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
     # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
-    # ``query`` is q or the packed qkv projection (only its device and dtype are read)
-    return (attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
+    # ``query`` is q or the packed qkv projection (only its device and dtype are read); never in a captured graph
+    return (not _is_tracing() and attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
             and query.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == query.dtype)
 
 
@@ -299,7 +310,7 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
         ``(B, N, C)``.
     """
     B, N, C3 = qkv.shape
-    if C3 % (3 * num_heads) != 0:
+    if (torch.jit.is_scripting() or not _is_tracing()) and C3 % (3 * num_heads) != 0:
         raise ValueError(f"qkv width {C3} is not 3 x num_heads ({num_heads}) x head_dim")
     head_dim = C3 // (3 * num_heads)
     if scale is None:
@@ -409,7 +420,7 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
 
     def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
         """The bias for ``grid_size``, recomputed from the current σ, a (differentiable, never cached)."""
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting() or _is_tracing():
             return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size,
                                            self.num_prefix_tokens)
         return _GaussianAttentionBiasFn.apply(self.gab_sigma_log, self.gab_amplitude, self._distance(grid_size),
@@ -443,8 +454,8 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
 
     @torch.jit.unused
     def _may_cache(self) -> bool:
-        # Only in eval and only when no gradient reaches σ/a from this call.
-        if self.training:
+        # Only in eval, only when no gradient reaches σ/a from this call, never in a captured graph.
+        if self.training or _is_tracing():
             return False
         wants_grad = torch.is_grad_enabled() and (self.gab_sigma_log.requires_grad
                                                   or self.gab_amplitude.requires_grad)

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import Attention, LayerNorm, maybe_add_mask, resolve_self_attn_mask
+from timm.layers import (Attention, LayerNorm, maybe_add_mask, register_notrace_function, register_notrace_module,
+                         resolve_self_attn_mask)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -62,6 +63,13 @@ __all__ = [
     "PatchEmbedLayerNorm",
     "checkpoint_filter_fn",
 ]
+
+# FX tracing with timm's lists (timm's FX features, torchvision's create_feature_extractor as timm calls it): the
+# bias module and the attention calls stay whole, so the traced graph keeps the eval-time bias cache and picks the
+# attention path per call; traced without those lists, they reduce to plain torch ops.
+register_notrace_module(GaussianAttentionBias)
+register_notrace_function(attention_with_bias)
+register_notrace_function(packed_attention_with_bias)
 
 
 def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
