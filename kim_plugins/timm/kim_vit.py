@@ -80,6 +80,10 @@ def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_cau
     return maybe_add_mask(bias, extra)
 
 
+# a graph node under torch.fx: the model's attn_mask / is_causal inputs are symbolic there, chosen at run time
+torch.fx.wrap("_with_gab_bias")
+
+
 def _make_gab_layer(num_prefix_tokens: int, granularity: str, sigma_init: float,
                     amplitude_init: float) -> Callable[..., GaussianAttentionBias]:
     """Validated constructor of the per-block (or shared) bias module; the grid is always passed per call."""

@@ -108,6 +108,24 @@ def test_fx_then_torchscript_equals_eager(name):
         torch.testing.assert_close(_only(scripted(x)), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", GAB_NAMES)
+@pytest.mark.parametrize("granularity", ["block", "network"])
+def test_fx_without_timm_lists_traces_through_the_bias(name, granularity):
+    """torchvision's create_feature_extractor as users call it: no leaf lists, the bias becomes plain graph ops."""
+    model = _build(name, num_classes=42, gab_granularity=granularity).train()
+    x = _input(name, batch=2)
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert any(n.startswith("gab.") or ".gab." in n for n in eval_nodes)  # traced into, not a leaf
+    traced = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]])
+    out = _only(traced(x))
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    out.mean().backward()
+    assert all(p.grad is not None for p in traced.parameters())
+    traced.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_only(traced(x)), model(x), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- torch.export / torch.compile
 
 
