@@ -88,24 +88,15 @@ def test_fx_backward_reaches_every_parameter(name):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("name", NAMES)
-def test_torchscript_equals_eager(name):
+@pytest.mark.parametrize("fx_first", [False, True], ids=["torchscript", "fx_then_torchscript"])
+def test_torchscript_equals_eager(name, fx_first):
     with timm.set_scriptable(True):
         model = _build(name).eval()
     x = _input(name)
-    scripted = torch.jit.script(model)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-@pytest.mark.parametrize("name", NAMES)
-def test_fx_then_torchscript_equals_eager(name):
-    with timm.set_scriptable(True):
-        model = _build(name).eval()
-    x = _input(name)
-    scripted = torch.jit.script(_fx(model))
+    scripted = torch.jit.script(_fx(model) if fx_first else model)
     with torch.inference_mode():
-        torch.testing.assert_close(_only(scripted(x)), model(x), rtol=1e-5, atol=1e-5)
+        out = scripted(x)
+        torch.testing.assert_close(_only(out) if fx_first else out, model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", GAB_NAMES)
