@@ -352,6 +352,7 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
             σ, a; the model shares this module over all its blocks).
         sigma_init: Initial σ in patch units (paper: 5). Must be > 0.
         amplitude_init: Initial ``a`` (paper: 1); the bias scales with ``a²``.
+            ``0`` warns: σ and a then get exactly zero gradients and never train.
         num_prefix_tokens: Class/register tokens before the patch tokens.
 
     Raises:
