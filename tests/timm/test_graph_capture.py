@@ -137,6 +137,18 @@ def test_export_eval_runs_like_eager(name, granularity):
         torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_export_with_dynamic_batch_and_grid_builds_the_bias_per_call():
+    """``dynamic_img_size``: the exported program's grid (and so its bias) follows the input, as in eager."""
+    model = _build("vit_tiny_patch16_gab_224", dynamic_img_size=True).eval()
+    batch, h, w = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("h", max=8), torch.export.Dim("w", max=8)
+    exported = torch.export.export(model, (torch.randn(2, 3, 32, 48),),
+                                   dynamic_shapes={"x": {0: batch, 2: 16 * h, 3: 16 * w}}).module()
+    with torch.no_grad():
+        for shape in [(3, 3, 64, 32), (1, 3, 48, 80)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class _Features(torch.nn.Module):
     """``forward_features`` as the forward: a loss on every token reaches σ and a of every block."""
 
