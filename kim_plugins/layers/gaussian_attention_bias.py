@@ -262,8 +262,9 @@ class _PackedAttentionWithLearnableBias(torch.autograd.Function):
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
     # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
     # ``query`` is q or the packed qkv projection (only its device and dtype are read); never in a captured graph
-    return (not _is_tracing() and attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
-            and query.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == query.dtype)
+    return (not _is_tracing() and attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad
+            and torch.is_grad_enabled() and query.device.type == "cpu" and attn_bias.is_floating_point()
+            and attn_bias.dtype == query.dtype)
 
 
 def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
