@@ -60,13 +60,14 @@ _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
 
 @torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
 def _is_tracing() -> bool:
-    """A graph is being captured (torch.compile, torch.export, torch.fx symbolic tracing).
+    """A graph is being captured (torch.compile, torch.export, torch.fx symbolic tracing, torch.jit.trace).
 
     There the module computes the plain formula with plain torch ops: no
     Python-side caches (keyed on data pointers and versions a fake or
     symbolic tensor does not have) and no hand-written autograd functions.
     """
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    return (torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.jit.is_tracing())
 
 
 def _to_grid(grid_size: Union[int, Tuple[int, int]], what: str = "grid_size") -> Tuple[int, int]:

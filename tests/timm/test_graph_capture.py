@@ -149,6 +149,19 @@ def test_export_relpos_with_gradients_runs_like_its_host():
     assert all(torch.isfinite(g).all() and torch.count_nonzero(g) > 0 for g in grads)
 
 
+def test_jit_trace_keeps_sigma_and_amplitude_live():
+    """torch.jit.trace (and exporters built on it) records the bias formula, not the eval-time cached bias."""
+    model = _build("vit_tiny_patch16_gab_224").eval()
+    x = _input("vit_tiny_patch16_gab_224", batch=2)
+    with torch.no_grad():
+        model(x)  # fills the cache
+        traced = torch.jit.trace(model, (x,))
+        for m in model.modules():
+            if hasattr(m, "gab_amplitude"):
+                m.gab_amplitude.fill_(3.0)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_export_with_dynamic_batch_and_grid_builds_the_bias_per_call():
     """``dynamic_img_size``: the exported program's grid (and so its bias) follows the input, as in eager."""
     model = _build("vit_tiny_patch16_gab_224", dynamic_img_size=True).eval()
