@@ -13,6 +13,8 @@ Examples::
     python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py \\
         --num-images 4 --out-dir work_dirs/erf
     python tools/erf.py my_config.py --checkpoint iter_40000.pth --images data/STARE/images/validation
+    python tools/erf.py vit_small_patch16_gab_224 --checkpoint vit_small_patch16_224.pth  # plain ViT weights
+    python tools/erf.py vit_small_patch16_gab_224 --size 96 --model-kwargs '{"gab_sigma_init": 3}'
     python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3_4xb4-40k_stare-128x128.py \
         configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py --name stare  # side by side
 
@@ -103,12 +105,24 @@ def segmentor_norm(cfg: Any) -> Tuple[List[float], List[float], float]:
     return list(mean), list(std), 255.0
 
 
-def load_timm(name: str, checkpoint: Optional[str] = None, device: str = "cpu") -> torch.nn.Module:
-    """``timm.create_model(name, pretrained=False)`` (import kim_plugins first: its models too)."""
+def load_timm(name: str, checkpoint: Optional[str] = None, device: str = "cpu",
+              model_kwargs: Optional[Dict[str, Any]] = None,
+              size: Optional[Tuple[int, int]] = None) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **model_kwargs)``.
+
+    kim_plugins' names work too. A model whose timm config has a fixed input
+    size (ViTs) is built for ``size`` (``img_size=size``) unless
+    ``model_kwargs`` sets ``img_size``.
+    """
     import timm
+    from timm.models import get_pretrained_cfg_value
 
     import kim_plugins  # noqa: F401  timm registrations
-    kwargs = dict(checkpoint_path=checkpoint) if checkpoint else {}
+    kwargs = dict(model_kwargs or {})
+    if size is not None and "img_size" not in kwargs and get_pretrained_cfg_value(name, "fixed_input_size"):
+        kwargs["img_size"] = size
+    if checkpoint:
+        kwargs["checkpoint_path"] = checkpoint
     return timm.create_model(name, pretrained=False, **kwargs).to(device).eval()
 
 
@@ -176,6 +190,9 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
     """Model, images and metadata for the command-line arguments."""
     size = parse_size(args.size)
     if is_config(args.model):
+        if json.loads(args.model_kwargs):
+            raise SystemExit(f"--model-kwargs applies to timm models; change the config {args.model} with "
+                             "--cfg-options key=value")
         model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
         size = size or config_crop_size(cfg)
         if size is None:
@@ -184,8 +201,14 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
         fixture = args.fixture or dataset_fixture_name(cfg)
         kind = "mmseg segmentor (centre pixel of the logits)"
     else:
-        model = load_timm(args.model, args.checkpoint, args.device)
+        model_kwargs = json.loads(args.model_kwargs)
+        if not isinstance(model_kwargs, dict):
+            raise SystemExit(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        model = load_timm(args.model, args.checkpoint, args.device, model_kwargs, size)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
+        if size is None and "img_size" in model_kwargs:
+            size = parse_size(model_kwargs["img_size"] if isinstance(model_kwargs["img_size"], (list, tuple))
+                              else [model_kwargs["img_size"]])
         size = size or tuple(pcfg.get("input_size", (3, 224, 224))[1:])
         mean, std, scale = list(pcfg.get("mean", (0.485, 0.456, 0.406))), \
             list(pcfg.get("std", (0.229, 0.224, 0.225))), 1.0
@@ -245,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
     p.add_argument("--fixture", help="dataset fixture to use without --images (default: from the config)")
     p.add_argument("--num-images", type=int, default=8, help="images to accumulate (default 8)")
-    p.add_argument("--size", type=int, nargs="+", help="input H [W] (default: timm input_size / config crop)")
+    p.add_argument("--size", type=int, nargs="+",
+                   help="input H [W] (default: timm input_size / config crop); timm models with a fixed input "
+                        "size (ViTs) are built for it")
+    p.add_argument("--model-kwargs", default="{}",
+                   help="JSON dict of timm.create_model kwargs, e.g. '{\"depth\": 4}' (timm models; mmseg configs "
+                        "take --cfg-options)")
     p.add_argument("--batch-size", type=int, default=4, help="images per backward (default 4)")
     p.add_argument("--position", type=float, nargs=2, default=(0.5, 0.5), metavar=("FY", "FX"),
                    help="fractional position of the output unit (default: centre 0.5 0.5)")

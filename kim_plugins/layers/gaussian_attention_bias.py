@@ -38,11 +38,14 @@ This file needs only torch.
 """
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .plugin_state import KeepsStateWhenAbsent
 
 __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
            "attention_with_bias", "packed_attention_with_bias", "FLEX_MIN_TOKENS", "flex_attention_available",
@@ -54,6 +57,18 @@ __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "ga
 GAB_GRANULARITIES = ("block", "head", "network")
 
 _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
+
+
+@torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
+def _is_tracing() -> bool:
+    """A graph is being captured (torch.compile, torch.export, torch.fx symbolic tracing, torch.jit.trace).
+
+    There the module computes the plain formula with plain torch ops: no
+    Python-side caches (keyed on data pointers and versions a fake or
+    symbolic tensor does not have) and no hand-written autograd functions.
+    """
+    return (torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.jit.is_tracing())
 
 
 def _to_grid(grid_size: Union[int, Tuple[int, int]], what: str = "grid_size") -> Tuple[int, int]:
@@ -248,9 +263,10 @@ class _PackedAttentionWithLearnableBias(torch.autograd.Function):
 
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
     # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
-    # ``query`` is q or the packed qkv projection (only its device and dtype are read)
-    return (attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
-            and query.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == query.dtype)
+    # ``query`` is q or the packed qkv projection (only its device and dtype are read); never in a captured graph
+    return (not _is_tracing() and attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad
+            and torch.is_grad_enabled() and query.device.type == "cpu" and attn_bias.is_floating_point()
+            and attn_bias.dtype == query.dtype)
 
 
 def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
@@ -297,7 +313,7 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
         ``(B, N, C)``.
     """
     B, N, C3 = qkv.shape
-    if C3 % (3 * num_heads) != 0:
+    if (torch.jit.is_scripting() or not _is_tracing()) and C3 % (3 * num_heads) != 0:
         raise ValueError(f"qkv width {C3} is not 3 x num_heads ({num_heads}) x head_dim")
     head_dim = C3 // (3 * num_heads)
     if scale is None:
@@ -438,7 +454,7 @@ def flex_gaussian_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return _flex_kernel(q.device)(q, k, v, score_mod=mod, scale=scale)
 
 
-class GaussianAttentionBias(nn.Module):
+class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     """Learnable Gaussian attention bias of one block (or of the whole network).
 
     From "Understanding Gaussian Attention Bias of Vision Transformers Using
@@ -455,6 +471,10 @@ class GaussianAttentionBias(nn.Module):
     returned. Changes through ``param.data`` bypass version tracking: call
     :meth:`clear_cache` after such edits.
 
+    A state dict without any entry of this module (a checkpoint of the plain
+    host) loads strictly: σ and a keep their current values, and a log line
+    says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`).
+
     Args:
         grid_size: Default ``(H, W)`` patch grid, used when ``forward`` is
             called without one. ``None``: the grid must always be passed.
@@ -464,6 +484,7 @@ class GaussianAttentionBias(nn.Module):
             σ, a; the model shares this module over all its blocks).
         sigma_init: Initial σ in patch units (paper: 5). Must be > 0.
         amplitude_init: Initial ``a`` (paper: 1); the bias scales with ``a²``.
+            ``0`` warns: σ and a then get exactly zero gradients and never train.
         num_prefix_tokens: Class/register tokens before the patch tokens.
 
     Raises:
@@ -489,6 +510,12 @@ class GaussianAttentionBias(nn.Module):
             raise ValueError(f"sigma_init must be a finite number > 0 (σ is learnt as log σ), got {sigma_init!r}")
         if not (isinstance(amplitude_init, (int, float)) and math.isfinite(amplitude_init)):
             raise ValueError(f"amplitude_init must be a finite number, got {amplitude_init!r}")
+        if amplitude_init == 0:
+            warnings.warn("GaussianAttentionBias(amplitude_init=0) (timm models: gab_amplitude_init=0): the bias "
+                          "a²·exp(-d²/2σ²) and the gradients of σ and a (∝ a², 2a) are exactly 0, so σ and a never "
+                          "leave their initial values and the model stays its plain host; use a nonzero "
+                          "amplitude_init (paper: 1) unless that is the point (an ablation)", UserWarning,
+                          stacklevel=2)
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
@@ -526,7 +553,7 @@ class GaussianAttentionBias(nn.Module):
 
     def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
         """The bias for ``grid_size``, recomputed from the current σ, a (differentiable, never cached)."""
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting() or _is_tracing():
             return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size,
                                            self.num_prefix_tokens)
         return _GaussianAttentionBiasFn.apply(self.gab_sigma_log, self.gab_amplitude, self._distance(grid_size),
@@ -560,8 +587,8 @@ class GaussianAttentionBias(nn.Module):
 
     @torch.jit.unused
     def _may_cache(self) -> bool:
-        # Only in eval and only when no gradient reaches σ/a from this call.
-        if self.training:
+        # Only in eval, only when no gradient reaches σ/a from this call, never in a captured graph.
+        if self.training or _is_tracing():
             return False
         wants_grad = torch.is_grad_enabled() and (self.gab_sigma_log.requires_grad
                                                   or self.gab_amplitude.requires_grad)

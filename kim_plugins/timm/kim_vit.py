@@ -26,9 +26,11 @@ Registered names (``import kim_plugins`` first)::
     vit_{tiny,small,base}_patch16_pln_224          VisionTransformer + PreLayerNorm
     vit_small_patch16_gab_pln_224                  both
 
-A plain timm checkpoint of the host loads into each of them
-(``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
-new parameters (σ, a, the PLN norm) keep their initial values.
+A plain timm checkpoint of the host loads strictly into each of them by every
+route (``load_state_dict``, ``create_model(checkpoint_path=...)``,
+``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
+new parameters (σ, a, the PLN norm) keep their initial values and a log line
+says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`).
 """
 
 from functools import partial
@@ -38,7 +40,8 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.layers import (Attention, LayerNorm, maybe_add_mask, register_notrace_function, register_notrace_module,
+                         resolve_self_attn_mask)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -48,6 +51,7 @@ from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpo
 
 from ..layers.gaussian_attention_bias import (GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias,
                                               packed_attention_with_bias, use_flex_gaussian_attention)
+from ..layers.plugin_state import KeepsStateWhenAbsent
 
 __all__ = [
     "GabAttention",
@@ -56,8 +60,16 @@ __all__ = [
     "GabRelPosBlock",
     "GabVisionTransformer",
     "GabVisionTransformerRelPos",
+    "PatchEmbedLayerNorm",
     "checkpoint_filter_fn",
 ]
+
+# FX tracing with timm's lists (timm's FX features, torchvision's create_feature_extractor as timm calls it): the
+# bias module and the attention calls stay whole, so the traced graph keeps the eval-time bias cache and picks the
+# attention path per call; traced without those lists, they reduce to plain torch ops.
+register_notrace_module(GaussianAttentionBias)
+register_notrace_function(attention_with_bias)
+register_notrace_function(packed_attention_with_bias)
 
 
 def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
@@ -66,6 +78,10 @@ def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_cau
         return bias
     extra = resolve_self_attn_mask(bias.shape[-1], bias, attn_mask, is_causal)
     return maybe_add_mask(bias, extra)
+
+
+# a graph node under torch.fx: the model's attn_mask / is_causal inputs are symbolic there, chosen at run time
+torch.fx.wrap("_with_gab_bias")
 
 
 def _make_gab_layer(num_prefix_tokens: int, granularity: str, sigma_init: float,
@@ -523,26 +539,28 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
         return x, intermediates
 
 
-def _is_plugin_key(key: str) -> bool:
-    """State-dict keys that the plugins add to their timm host (absent from a plain checkpoint)."""
-    return key.rsplit(".", 1)[-1].startswith("gab_") or key.startswith("patch_embed.norm.")
+class PatchEmbedLayerNorm(KeepsStateWhenAbsent, LayerNorm):
+    """The PLN norm: timm's ``LayerNorm`` (eps 1e-6) on the projected patch tokens (``PatchEmbed.norm``).
+
+    "Improved Robustness of Vision Transformer via PreLayerNorm in Patch
+    Embedding" (Kim and Kim, arXiv:2111.08413). Same module as
+    ``embed_norm_layer='layernorm'``, except that a state dict without its
+    weight and bias (a plain ViT checkpoint) loads strictly and leaves it at
+    its initial values (weight 1, bias 0).
+    """
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module,
                          host_filter_fn: Callable = _vit_filter_fn) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint of the plain timm host (or of the plugin model itself).
 
-    Runs the host's own filter (position-embedding resampling, layouts), then
-    gives every plugin parameter that the checkpoint lacks (σ, a, the PLN
-    norm) the model's current, freshly initialised value, so a strict load
-    succeeds and those parameters keep their init. Any other missing key is
-    left missing, so a wrong checkpoint still fails loudly.
+    Runs the host's own filter (position-embedding resampling, layouts). The
+    plugin modules that the checkpoint lacks entirely (σ, a, the PLN norm)
+    keep their freshly initialised values in the strict load that follows
+    (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`); any
+    other missing key still fails it loudly.
     """
-    out = host_filter_fn(state_dict, model)
-    for key, value in model.state_dict().items():
-        if key not in out and _is_plugin_key(key):
-            out[key] = value
-    return out
+    return host_filter_fn(state_dict, model)
 
 
 def _create(model_cls: Type[nn.Module], host_filter_fn: Callable, variant: str, pretrained: bool = False,
@@ -596,7 +614,7 @@ default_cfgs = generate_default_cfgs({
     'vit_small_patch16_gab_pln_224.untrained': _cfg(),
 })
 
-_PLN = dict(embed_norm_layer='layernorm')  # timm LayerNorm (eps 1e-6) inside PatchEmbed, before _pos_embed
+_PLN = dict(embed_norm_layer=PatchEmbedLayerNorm)  # timm LayerNorm (eps 1e-6) inside PatchEmbed, before _pos_embed
 
 
 @register_model

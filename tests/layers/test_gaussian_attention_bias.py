@@ -75,10 +75,15 @@ def test_init_values_and_sigma_stays_positive():
     assert gab.sigma.item() > 0 and torch.isfinite(gab()).all()
 
 
-def test_amplitude_zero_gives_zero_bias_of_full_shape():
-    gab = GaussianAttentionBias((2, 2), num_heads=2, amplitude_init=0.0, num_prefix_tokens=1)
+def test_amplitude_zero_gives_zero_bias_of_full_shape_and_warns_that_it_never_trains():
+    with pytest.warns(UserWarning, match=r"amplitude_init=0.*never"):
+        gab = GaussianAttentionBias((2, 2), num_heads=2, amplitude_init=0.0, num_prefix_tokens=1)
     bias = gab()
     assert bias.shape == (1, 1, 5, 5) and torch.count_nonzero(bias) == 0
+    # what the warning says: every gradient of σ and a is exactly 0, whatever the loss
+    gab.train()
+    (gab() * torch.randn(1, 1, 5, 5)).sum().backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in gab.parameters())
 
 
 def test_gradients_match_closed_form():

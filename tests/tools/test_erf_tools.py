@@ -30,6 +30,38 @@ def test_erf_tool_timm(tmp_path):
     assert os.path.getsize(out["png"]) > 5000
 
 
+@pytest.mark.parametrize("name, host", [("vit_tiny_patch16_gab_224", "vit_tiny_patch16_224"),
+                                        ("vit_tiny_patch16_pln_224", "vit_tiny_patch16_224"),
+                                        ("resnet18d_sap", "resnet18d")])
+def test_erf_tool_timm_plugin_with_plain_checkpoint(name, host, tmp_path):
+    import timm
+    import torch
+
+    import kim_plugins  # noqa: F401
+    vit = name.startswith("vit")
+    kwargs = dict(img_size=48, depth=2) if vit else {}
+    path = tmp_path / "plain.pth"
+    torch.save(timm.create_model(host, **kwargs).state_dict(), path)
+    args = [name, "--checkpoint", str(path), "--size", "48", "--num-images", "2", "--batch-size", "2",
+            "--out-dir", str(tmp_path)]
+    if vit:  # --size builds the fixed-size ViT for 48 px; --model-kwargs passes the rest to create_model
+        args += ["--model-kwargs", json.dumps(dict(depth=2))]
+    nums = json.load(open(_tool("erf").main(args)["json"]))
+    assert nums["input_size"] == [48, 48] and nums["weights"] == f"checkpoint {path}"
+
+
+def test_erf_tool_vit_size_and_model_kwargs(tmp_path):
+    erf = _tool("erf")
+    model = erf.load_timm("vit_tiny_patch16_gab_224", model_kwargs=dict(depth=1, gab_sigma_init=3.0), size=(96, 64))
+    assert model.patch_embed.img_size == (96, 64) and len(model.blocks) == 1
+    assert float(model.blocks[0].gab.sigma.detach()) == pytest.approx(3.0)
+    out = erf.main(["vit_tiny_patch16_gab_224", "--model-kwargs", '{"img_size": 32, "depth": 1}',
+                    "--num-images", "1", "--batch-size", "1", "--out-dir", str(tmp_path)])
+    assert json.load(open(out["json"]))["input_size"] == [32, 32]
+    with pytest.raises(SystemExit, match="--cfg-options"):
+        erf.main([UNET_RA, "--model-kwargs", '{"depth": 1}', "--out-dir", str(tmp_path)])
+
+
 def test_erf_tool_images_folder(tmp_path):
     from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
     root = make_dataset_fixture("ade20k", str(tmp_path / "data"), num_train=2, num_val=1)
