@@ -328,6 +328,37 @@ def attention_kernels(ctx: Ctx, fn: Callable[[], Any]) -> List[str]:
     return [n[:120] for n in names][:8]
 
 
+def kernel_profile(ctx: Ctx, fn: Callable[[], Any], top: int = 6) -> Dict[str, Any]:
+    """Summed GPU kernel time of one call of ``fn`` and its most expensive kernels (CUDA profiler; {} elsewhere).
+
+    Set beside the CUDA-event time of the same call, it tells GPU work
+    (kernel time) from launch / CPU overhead (event time with the GPU idle
+    between kernels): a plugin slower by events but not by kernel time is
+    limited by the extra ops it dispatches, not by their kernels.
+    """
+    if not ctx.cuda:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    def self_device_us(e: Any) -> float:  # renamed from self_cuda_time_total in torch 2.4
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    try:  # a diagnostic: its failure must not cost the row its timings
+        ctx.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            dispatch = time.perf_counter() - t0
+            torch.cuda.synchronize(ctx.device)
+            wall = time.perf_counter() - t0
+        # summed self device time over all entries = total kernel time, nothing counted twice
+        ranked = sorted(((e.key, self_device_us(e)) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    except Exception as err:
+        return dict(error=f"{type(err).__name__}: {err}"[:200])
+    return dict(kernel_ms=sum(us for _, us in ranked) / 1e3, dispatch_ms=1e3 * dispatch, wall_ms=1e3 * wall,
+                top=[[name[:90], round(us / 1e3, 4)] for name, us in ranked[:top] if us > 0])
+
+
 def sdpa_flags() -> Dict[str, Any]:
     b = torch.backends.cuda
     flags = {}
@@ -399,7 +430,11 @@ def section_se(ctx: Ctx) -> List[Dict[str, Any]]:
             fns = {"parent": make(parent), "plugin": make(plugin)}
             res = interleaved(ctx, fns, "parent", seconds / 2)
             mem = (peak_memory(ctx, fns["parent"]), peak_memory(ctx, fns["plugin"]))
-            rows.append(ratio_row(res, "plugin", goal=goal, mem=mem, mem_goal=1.02, mode=mode, **describe(key)))
+            row = ratio_row(res, "plugin", goal=goal, mem=mem, mem_goal=1.02, mode=mode, **describe(key))
+            if key in ("uper", "psp"):  # run 1: folded eval 1.07-1.10x; kernel time vs event time says why
+                row["profile_plugin"] = kernel_profile(ctx, fns["plugin"])
+                row["profile_parent"] = kernel_profile(ctx, fns["parent"])
+            rows.append(row)
         return rows
 
     return run_cases(ctx, ["uper", "psp", "aspp", "sepaspp", "fcn"], measure, describe)
@@ -441,6 +476,8 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
             if record_kernels and dt == dtypes[0]:
                 row["attention_kernels_plugin"] = attention_kernels(ctx, fns["plugin"])
                 row["attention_kernels_parent"] = attention_kernels(ctx, fns["parent"])
+                row["profile_plugin"] = kernel_profile(ctx, fns["plugin"])
+                row["profile_parent"] = kernel_profile(ctx, fns["parent"])
             rows.append(row)
         return rows
 
@@ -767,8 +804,12 @@ def render_md(report: Dict[str, Any]) -> str:
         if rows:
             present = [c for c in cols if any(c in r for r in rows)]
             lines += ["", format_table([{c: _fmt(r.get(c, "")) for c in present} for r in rows], present)]
-            extra = [r for r in rows if r.get("attention_kernels_plugin") or "first_call_s" in r]
+            extra = [r for r in rows if r.get("attention_kernels_plugin") or "first_call_s" in r
+                     or r.get("profile_plugin")]
             for r in extra:
+                if r.get("profile_plugin"):
+                    lines.append(f"- {r['case']} {r.get('img', '')} {r['dtype']} {r['mode']}: one call profiled, "
+                                 f"plugin {r['profile_plugin']}, parent {r['profile_parent']}")
                 if r.get("attention_kernels_plugin") is not None:
                     lines.append(f"- {r['case']} {r['img']} px {r['dtype']} {r['mode']}: attention kernels plugin "
                                  f"{r['attention_kernels_plugin']}, parent {r['attention_kernels_parent']}")
