@@ -248,7 +248,9 @@ def run_cases(ctx: Ctx, cases: List[Any], measure: Callable[[Any, float], List[D
     case becomes a row with ``error``, a case past the budget a row with
     ``skipped``. ``hard_extra_s``: each case is stopped (:class:`CaseTimeout`,
     recorded as its error) after its share plus this many seconds;
-    ``stop_after_timeout``: the cases after a stopped one are skipped.
+    ``stop_after_timeout``: the cases after a stopped one are skipped. So
+    the section ends at most ``hard_extra_s`` after its deadline (a C call
+    in progress, e.g. a CUDA synchronisation, finishes first).
     """
     rows: List[Dict[str, Any]] = []
     stopped = None
@@ -262,6 +264,8 @@ def run_cases(ctx: Ctx, cases: List[Any], measure: Callable[[Any, float], List[D
             seconds = 0.6 * left / (len(cases) - i)
             print(f"-- {json.dumps(describe(case), default=str)} ({seconds:.0f} s)", flush=True)
             try:
+                # seconds <= 0.6 * left: a stopped case ends at most hard_extra_s past the section's deadline,
+                # and the cases after it find the budget spent
                 with hard_time_limit(None if hard_extra_s is None else seconds + hard_extra_s):
                     new = measure(case, seconds)
             except Exception as err:  # recorded; the other cases still run
