@@ -486,6 +486,8 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
                 row["profile_plugin"] = kernel_profile(ctx, fns["plugin"])
                 row["profile_parent"] = kernel_profile(ctx, fns["parent"])
             rows.append(row)
+            if record_kernels and ctx.cuda and case == cases[0]:
+                rows.append(_same_kernel_row(ctx, fns, seconds / 4, dict(row, mode=mode)))
         return rows
 
     # by priority, as later cases may fall out of the budget: every pair at the first size and dtype, then the
@@ -493,6 +495,32 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
     settings = [(s, dtypes[0]) for s in sizes] + [(sizes[0], d) for d in dtypes[1:]]
     cases = [(p, h, s, d) for s, d in settings for p, h in pairs]
     return run_cases(ctx, cases, measure, describe)
+
+
+def _same_kernel_row(ctx: Ctx, fns: Dict[str, Callable[[], None]], seconds: float,
+                     info: Dict[str, Any]) -> Dict[str, Any]:
+    """The comparison again with host and plugin both held to SDPA's memory-efficient kernel.
+
+    A float mask rules out flash attention, and a mask that needs a gradient
+    also cuDNN attention, so the host may run a kernel GAB cannot: if the
+    gap closes here, the kernel is the cost; if it stays, the extra ops are.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    keep = {k: info[k] for k in ("section", "case", "img", "batch", "dtype") if k in info}
+    keep["mode"] = f"{info['mode']}, both on the memory-efficient SDPA kernel"
+
+    def held(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                fn()
+        return run
+
+    try:  # a diagnostic: its failure must not cost the case its other rows
+        res = interleaved(ctx, {k: held(f) for k, f in fns.items()}, "parent", seconds)
+    except Exception as err:
+        return dict(keep, error=f"{type(err).__name__}: {err}"[:400])
+    return ratio_row(res, "plugin", goal=None, **keep)
 
 
 def section_gab(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:

@@ -151,3 +151,23 @@ def test_report_files_are_written_after_every_section(gpu, tmp_path, monkeypatch
     assert on_disk["sections"]["flex"]["status"].startswith("not reached")
     md = (tmp_path / "gpu_script_check_cpu_tiny.md").read_text()
     assert "PARTIAL" in md and "## flex: not reached" in md
+
+
+def test_same_kernel_row_holds_both_to_the_memory_efficient_kernel_and_records_a_failure(gpu):
+    import time
+    import torch.nn.functional as F
+    ctx = gpu.Ctx(device=torch.device("cpu"), tiny=True, rounds=3, warmup=0, deadline=time.perf_counter() + 60,
+                  section_deadline=time.perf_counter() + 60)
+    info = dict(section="gab", case="p vs h", img=32, batch=2, dtype="bf16", mode="eval", time_ratio=9.9)
+    q = torch.randn(1, 1, 4, 8)
+    seen = []
+
+    def sdpa():  # CPU has no memory-efficient kernel: under the hold SDPA refuses
+        seen.append(1)
+        F.scaled_dot_product_attention(q, q, q)
+
+    row = gpu._same_kernel_row(ctx, {"parent": sdpa, "plugin": sdpa}, 1.0, info)
+    assert seen and row["mode"] == "eval, both on the memory-efficient SDPA kernel" and "error" in row
+    assert "time_ratio" not in row and row["case"] == "p vs h"
+    row = gpu._same_kernel_row(ctx, {"parent": lambda: None, "plugin": lambda: None}, 1.0, info)
+    assert "error" not in row and row["rounds"] == 3 and row["time_ratio"] > 0
