@@ -20,15 +20,20 @@ call of each. Sections (``--only``):
 - ``sap``: SAP ResNet-50-D (timm) and SAP PSPNet / DeepLabV3 R-50-D8
   (``SAPEncoderDecoder``): train and eval time ratios, peak memory;
 - ``erf``: batched ERF vs the per-image loop on ResNet-50 at 224 px (goal >= 5x);
-- ``flex``: the GAB attention of ViT-B/16 at 1024x1024 (4096 patch tokens)
-  with the bias computed inside a flex-attention kernel vs the materialised
-  bias: time and peak memory, train and eval;
 - ``suite``: ``tools/benchmark_suite.py --suite full`` (recorded as skipped
-  with the reason when it cannot run here).
+  with the reason when it cannot run here);
+- ``flex`` (last: its first call compiles a kernel, of unknown duration):
+  the GAB attention of ViT-B/16 at 1024x1024 (4096 patch tokens) with the
+  bias computed inside a flex-attention kernel vs the materialised bias,
+  one attention call first, then the whole model: time and peak memory,
+  eval then train; each case hard-capped (``--flex-compile-cap``).
 
 Every section is time-budgeted (``--time-budget``: later cases and sections
 are skipped with a note once it is spent) and a failing case or section is
-recorded with its error instead of ending the run.
+recorded with its error instead of ending the run. Every row is printed as a
+JSON line as soon as it is measured (``-- {...}`` lines announce each case),
+and the report files are rewritten after every section, so a run killed
+from outside keeps what it measured.
 
 ``--tiny`` runs every section at toy sizes on whatever device there is (the
 test suite runs it on CPU): it checks the script, its figures mean nothing.
@@ -38,7 +43,7 @@ GPU one.
 
 Usage (on the GPU machine, after ``. benchmarks/gpu_env.sh`` where mmseg is not installed)::
 
-    python benchmarks/gpu.py                                  # all sections, ~5.5 min on one H200
+    python benchmarks/gpu.py --time-budget 330                # all sections; see results/gpu_next_run.md
     python benchmarks/gpu.py --only gab flex --time-budget 120
     python benchmarks/gpu.py --tiny --out /tmp/check          # CPU check of the script
 """
@@ -67,9 +72,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from kim_plugins.benchmarking import AA_CONTROL_SUFFIX, TimingResult, format_table  # noqa: E402
 
-SECTIONS = ("se", "gab", "pln", "sap", "erf", "flex", "suite")
-#: share of the time budget each section may use (unused time passes on to the next sections)
-WEIGHTS = {"se": 0.16, "gab": 0.26, "pln": 0.09, "sap": 0.15, "erf": 0.07, "flex": 0.27, "suite": 0.0}
+#: flex last: compiling its kernel is the one step whose duration is unknown (run 1 was killed inside it)
+SECTIONS = ("se", "gab", "pln", "sap", "erf", "suite", "flex")
+#: share of the time budget each section may use (unused time passes on to the next sections). Run 1 (270 s on
+#: an H200): se's 43 s covered two of its five heads (building, calibrating and cuDNN autotuning each head cost
+#: more than its timing), gab (71 s, 6 cases), pln (29 s), sap (51 s) and erf (21 s) finished within theirs; the
+#: gab cases run by priority, so a shorter share drops the fp16 repeats first. Weights ~ those needs (se ~90 s),
+#: flex ~70 s: all sections fit a 330 s budget
+WEIGHTS = {"se": 0.27, "gab": 0.21, "pln": 0.09, "sap": 0.15, "erf": 0.06, "suite": 0.0, "flex": 0.22}
+#: seconds a flex case may take beyond its timing share (its first call compiles the kernel), hard-capped
+FLEX_COMPILE_CAP_S = 90.0
 RESULTS_DIR = os.path.join(HERE, "results")
 SWIN_GAB = (("swin_tiny_patch4_window7_gab_224", "swin_tiny_patch4_window7_224"),
             ("swin_small_patch4_window7_gab_224", "swin_small_patch4_window7_224"))
@@ -90,6 +102,7 @@ class Ctx:
     warmup: int
     deadline: float
     section_deadline: float = 0.0
+    flex_compile_cap: float = FLEX_COMPILE_CAP_S
 
     def left(self) -> float:
         return min(self.deadline, self.section_deadline) - time.perf_counter()
@@ -193,24 +206,78 @@ def ratio_row(res: TimingResult, plugin: str, *, goal: Optional[float], higher_i
     return row
 
 
+class CaseTimeout(Exception):
+    """A case ran past its hard time limit (:func:`hard_time_limit`)."""
+
+
+@contextlib.contextmanager
+def hard_time_limit(seconds: Optional[float]):
+    """Raise :class:`CaseTimeout` in the block after ``seconds`` (SIGALRM; a no-op where that is unavailable).
+
+    Python runs the handler between bytecodes, so a long C call (a CUDA
+    synchronisation) finishes first; kernel compilation (Python, waits on
+    worker processes) is interrupted.
+    """
+    import signal
+    import threading
+    if (seconds is None or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"stopped at its hard time limit of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def emit(row: Dict[str, Any]) -> None:
+    """Print a result row as one JSON line at once (the log keeps every row even if the run is killed)."""
+    print(json.dumps(row, default=str), flush=True)
+
+
 def run_cases(ctx: Ctx, cases: List[Any], measure: Callable[[Any, float], List[Dict[str, Any]]],
-              describe: Callable[[Any], Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """``measure(case, seconds)`` for every case within the section's budget.
+              describe: Callable[[Any], Dict[str, Any]], hard_extra_s: Optional[float] = None,
+              stop_after_timeout: bool = False) -> List[Dict[str, Any]]:
+    """``measure(case, seconds)`` for every case within the section's budget; each row is printed when measured.
 
     Each case gets an equal share of the section's remaining time; a failing
     case becomes a row with ``error``, a case past the budget a row with
-    ``skipped``.
+    ``skipped``. ``hard_extra_s``: each case is stopped (:class:`CaseTimeout`,
+    recorded as its error) after its share plus this many seconds;
+    ``stop_after_timeout``: the cases after a stopped one are skipped. So
+    the section ends at most ``hard_extra_s`` after its deadline (a C call
+    in progress, e.g. a CUDA synchronisation, finishes first).
     """
     rows: List[Dict[str, Any]] = []
+    stopped = None
     for i, case in enumerate(cases):
         left = ctx.left()
-        if left < (1.0 if ctx.tiny else 4.0):
-            rows.append(dict(describe(case), skipped="time budget spent"))
-            continue
-        try:
-            rows.extend(measure(case, 0.6 * left / (len(cases) - i)))
-        except Exception as err:  # recorded; the other cases still run
-            rows.append(dict(describe(case), error=f"{type(err).__name__}: {err}"[:400]))
+        if stopped is not None:
+            new = [dict(describe(case), skipped=f"an earlier case of this section was stopped ({stopped})")]
+        elif left < (1.0 if ctx.tiny else 4.0):
+            new = [dict(describe(case), skipped="time budget spent")]
+        else:
+            seconds = 0.6 * left / (len(cases) - i)
+            print(f"-- {json.dumps(describe(case), default=str)} ({seconds:.0f} s)", flush=True)
+            try:
+                # seconds <= 0.6 * left: a stopped case ends at most hard_extra_s past the section's deadline,
+                # and the cases after it find the budget spent
+                with hard_time_limit(None if hard_extra_s is None else seconds + hard_extra_s):
+                    new = measure(case, seconds)
+            except Exception as err:  # recorded; the other cases still run
+                new = [dict(describe(case), error=f"{type(err).__name__}: {err}"[:400])]
+                if isinstance(err, CaseTimeout) and stop_after_timeout:
+                    stopped = str(err)
+        for row in new:
+            emit(row)
+        rows.extend(new)
         _free(ctx)
     return rows
 
@@ -266,6 +333,37 @@ def attention_kernels(ctx: Ctx, fn: Callable[[], Any]) -> List[str]:
     names = sorted({e.key for e in prof.key_averages()
                     if any(w in e.key.lower() for w in ATTENTION_KERNEL_WORDS)})
     return [n[:120] for n in names][:8]
+
+
+def kernel_profile(ctx: Ctx, fn: Callable[[], Any], top: int = 6) -> Dict[str, Any]:
+    """Summed GPU kernel time of one call of ``fn`` and its most expensive kernels (CUDA profiler; {} elsewhere).
+
+    Set beside the CUDA-event time of the same call, it tells GPU work
+    (kernel time) from launch / CPU overhead (event time with the GPU idle
+    between kernels): a plugin slower by events but not by kernel time is
+    limited by the extra ops it dispatches, not by their kernels.
+    """
+    if not ctx.cuda:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    def self_device_us(e: Any) -> float:  # renamed from self_cuda_time_total in torch 2.4
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    try:  # a diagnostic: its failure must not cost the row its timings
+        ctx.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            dispatch = time.perf_counter() - t0
+            torch.cuda.synchronize(ctx.device)
+            wall = time.perf_counter() - t0
+        # summed self device time over all entries = total kernel time, nothing counted twice
+        ranked = sorted(((e.key, self_device_us(e)) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    except Exception as err:
+        return dict(error=f"{type(err).__name__}: {err}"[:200])
+    return dict(kernel_ms=sum(us for _, us in ranked) / 1e3, dispatch_ms=1e3 * dispatch, wall_ms=1e3 * wall,
+                top=[[name[:90], round(us / 1e3, 4)] for name, us in ranked[:top] if us > 0])
 
 
 def sdpa_flags() -> Dict[str, Any]:
@@ -339,7 +437,11 @@ def section_se(ctx: Ctx) -> List[Dict[str, Any]]:
             fns = {"parent": make(parent), "plugin": make(plugin)}
             res = interleaved(ctx, fns, "parent", seconds / 2)
             mem = (peak_memory(ctx, fns["parent"]), peak_memory(ctx, fns["plugin"]))
-            rows.append(ratio_row(res, "plugin", goal=goal, mem=mem, mem_goal=1.02, mode=mode, **describe(key)))
+            row = ratio_row(res, "plugin", goal=goal, mem=mem, mem_goal=1.02, mode=mode, **describe(key))
+            if key in ("uper", "psp"):  # run 1: folded eval 1.07-1.10x; kernel time vs event time says why
+                row["profile_plugin"] = kernel_profile(ctx, fns["plugin"])
+                row["profile_parent"] = kernel_profile(ctx, fns["parent"])
+            rows.append(row)
         return rows
 
     return run_cases(ctx, ["uper", "psp", "aspp", "sepaspp", "fcn"], measure, describe)
@@ -381,7 +483,11 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
             if record_kernels and dt == dtypes[0]:
                 row["attention_kernels_plugin"] = attention_kernels(ctx, fns["plugin"])
                 row["attention_kernels_parent"] = attention_kernels(ctx, fns["parent"])
+                row["profile_plugin"] = kernel_profile(ctx, fns["plugin"])
+                row["profile_parent"] = kernel_profile(ctx, fns["parent"])
             rows.append(row)
+            if record_kernels and ctx.cuda and case == cases[0]:
+                rows.append(_same_kernel_row(ctx, fns, seconds / 4, dict(row, mode=mode)))
         return rows
 
     # by priority, as later cases may fall out of the budget: every pair at the first size and dtype, then the
@@ -389,6 +495,32 @@ def _timm_pair_rows(ctx: Ctx, section: str, pairs: List[Tuple[str, str]], sizes:
     settings = [(s, dtypes[0]) for s in sizes] + [(sizes[0], d) for d in dtypes[1:]]
     cases = [(p, h, s, d) for s, d in settings for p, h in pairs]
     return run_cases(ctx, cases, measure, describe)
+
+
+def _same_kernel_row(ctx: Ctx, fns: Dict[str, Callable[[], None]], seconds: float,
+                     info: Dict[str, Any]) -> Dict[str, Any]:
+    """The comparison again with host and plugin both held to SDPA's memory-efficient kernel.
+
+    A float mask rules out flash attention, and a mask that needs a gradient
+    also cuDNN attention, so the host may run a kernel GAB cannot: if the
+    gap closes here, the kernel is the cost; if it stays, the extra ops are.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    keep = {k: info[k] for k in ("section", "case", "img", "batch", "dtype") if k in info}
+    keep["mode"] = f"{info['mode']}, both on the memory-efficient SDPA kernel"
+
+    def held(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                fn()
+        return run
+
+    try:  # a diagnostic: its failure must not cost the case its other rows
+        res = interleaved(ctx, {k: held(f) for k, f in fns.items()}, "parent", seconds)
+    except Exception as err:
+        return dict(keep, error=f"{type(err).__name__}: {err}"[:400])
+    return ratio_row(res, "plugin", goal=None, **keep)
 
 
 def section_gab(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:
@@ -558,11 +690,23 @@ def section_flex(ctx: Ctx) -> Tuple[List[Dict[str, Any]], List[str]]:
         return dict(section="flex", case=f"{model_name} at {grid[0] * 16} px, bias in the kernel vs materialised",
                     batch=batch, img=grid[0] * 16, dtype=str(dtype).replace("torch.", ""), mode=case[1])
 
-    rows = run_cases(ctx, [("model", mode) for mode in ("train", "eval")],
-                     lambda case, seconds: _flex_model(ctx, model_name, seconds, grid, describe_model(case)),
-                     describe_model)
-    cases = [(gran, mode) for mode in ("train", "eval") for gran in ("block", "head")]
-    return rows + run_cases(ctx, cases, measure, describe), notes
+    # smallest first (one attention call, forward only), the whole model last; every case is hard-capped at its
+    # share plus the compile allowance, and after a stopped case the rest are skipped (their compile would be too)
+    cases = [(gran, mode) for mode in ("eval", "train") for gran in ("block", "head")]
+    cases += [("model", mode) for mode in ("eval", "train")]
+    notes.append(f"cases smallest first; each hard-capped at its time share + {ctx.flex_compile_cap:.0f} s "
+                 "(--flex-compile-cap), the rest skipped after a stopped case")
+
+    def measure_any(case: Tuple[str, str], seconds: float) -> List[Dict[str, Any]]:
+        if case[0] == "model":
+            return _flex_model(ctx, model_name, seconds, grid, describe_model(case))
+        return measure(case, seconds)
+
+    def describe_any(case: Tuple[str, str]) -> Dict[str, Any]:
+        return describe_model(case) if case[0] == "model" else describe(case)
+
+    return run_cases(ctx, cases, measure_any, describe_any, hard_extra_s=ctx.flex_compile_cap,
+                     stop_after_timeout=True), notes
 
 
 def _flex_model(ctx: Ctx, name: str, seconds: float, grid: Tuple[int, int], info: Dict[str, Any]
@@ -632,8 +776,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
-    p.add_argument("--time-budget", type=float, default=300.0,
-                   help="seconds for all sections together (default 300); later cases are skipped once spent")
+    p.add_argument("--time-budget", type=float, default=330.0,
+                   help="seconds for all sections together (default 330); later cases are skipped once spent")
     p.add_argument("--rounds", type=int, default=20, help="most timed rounds per comparison (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
     p.add_argument("--tiny", action="store_true",
@@ -643,6 +787,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="output folder (default: benchmarks/results on CUDA; required elsewhere); "
                         "files gpu.json/gpu.md on CUDA, gpu_script_check_<device>.* elsewhere")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flex-compile-cap", type=float, default=FLEX_COMPILE_CAP_S,
+                   help=f"seconds each flex case may run beyond its time share (its first call compiles the "
+                        f"kernel) before it is stopped and the later flex cases skipped (default {FLEX_COMPILE_CAP_S:g})")
     return p.parse_args(argv)
 
 
@@ -661,6 +808,8 @@ def render_md(report: Dict[str, Any]) -> str:
     on_gpu = env["device_type"] == "cuda" and not env["tiny"]
     title = (f"# GPU figures: plugins vs their plain parents ({env.get('gpu_name')})" if on_gpu else
              f"# Script check on {env['device_type'].upper()} (--tiny={env['tiny']}): NOT GPU figures")
+    if not report.get("complete", True):
+        title += "\n\n**PARTIAL: the run has not finished (or was killed); sections marked 'not reached' never ran.**"
     lines = [title, "",
              f"`python benchmarks/gpu.py {' '.join(report['argv'])}` — torch {env['torch']} (CUDA {env['cuda']}, "
              f"cuDNN {env['cudnn']}), timm {env['timm']}, mmseg {env['mmseg']}, mmcv {env['mmcv']}, "
@@ -679,7 +828,7 @@ def render_md(report: Dict[str, Any]) -> str:
                   f"TF32 matmul={env.get('tf32_matmul')}.", ""]
     cols = ["case", "mode", "dtype", "batch", "img", "inputs", "parent_ms", "plugin_ms", "time_ratio",
             "throughput_ratio", "aa_ratio", "goal", "meets_goal", "mem_ratio", "mem_goal", "mem_meets_goal",
-            "peak_mem_parent_MiB", "rounds", "error"]
+            "peak_mem_parent_MiB", "rounds", "skipped", "error"]
     for name, sec in report["sections"].items():
         lines += [f"## {name}: {sec['status']}", ""]
         for note in sec.get("notes", []):
@@ -690,8 +839,12 @@ def render_md(report: Dict[str, Any]) -> str:
         if rows:
             present = [c for c in cols if any(c in r for r in rows)]
             lines += ["", format_table([{c: _fmt(r.get(c, "")) for c in present} for r in rows], present)]
-            extra = [r for r in rows if r.get("attention_kernels_plugin") or "first_call_s" in r]
+            extra = [r for r in rows if r.get("attention_kernels_plugin") or "first_call_s" in r
+                     or r.get("profile_plugin")]
             for r in extra:
+                if r.get("profile_plugin"):
+                    lines.append(f"- {r['case']} {r.get('img', '')} {r['dtype']} {r['mode']}: one call profiled, "
+                                 f"plugin {r['profile_plugin']}, parent {r['profile_parent']}")
                 if r.get("attention_kernels_plugin") is not None:
                     lines.append(f"- {r['case']} {r['img']} px {r['dtype']} {r['mode']}: attention kernels plugin "
                                  f"{r['attention_kernels_plugin']}, parent {r['attention_kernels_parent']}")
@@ -721,10 +874,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     random.seed(args.seed)
     start = time.perf_counter()
     ctx = Ctx(device=device, tiny=args.tiny, rounds=args.rounds, warmup=0 if args.tiny else args.warmup,
-              deadline=start + args.time_budget)
-    report: Dict[str, Any] = dict(argv=list(sys.argv[1:] if argv is None else argv), time_budget_s=args.time_budget,
-                                  env=environment(ctx), sections={})
+              deadline=start + args.time_budget, flex_compile_cap=args.flex_compile_cap)
     selected = [s for s in SECTIONS if s in args.only]
+    # written after every section: a run killed later still leaves every finished section on disk
+    report: Dict[str, Any] = dict(argv=list(sys.argv[1:] if argv is None else argv), time_budget_s=args.time_budget,
+                                  env=environment(ctx), complete=False,
+                                  sections={s: dict(status="not reached (the run ended before this section)")
+                                            for s in selected})
     weight_left = sum(WEIGHTS[s] for s in selected) or 1.0
     for name in selected:
         left = ctx.deadline - time.perf_counter()
@@ -754,18 +910,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 (("error", "failed"), ("skipped", "skipped (time budget)")) if any(key in r for r in sec["rows"]))
         sec["seconds"] = time.perf_counter() - t0
         report["sections"][name] = sec
-        for r in sec["rows"]:
-            print(json.dumps({k: r[k] for k in ("case", "mode", "time_ratio", "aa_ratio", "mem_ratio", "error")
-                              if k in r}), flush=True)
+        print(f"== {name}: {sec['status']} ({sec['seconds']:.0f} s)", flush=True)
         _free(ctx)
+        write_report(report, stem, start)
+    report["complete"] = True
+    write_report(report, stem, start)
+    print(f"wrote {stem}.json and {stem}.md ({report['elapsed_s']:.0f} s)", flush=True)
+    return report
+
+
+def write_report(report: Dict[str, Any], stem: str, start: float) -> None:
+    """(Re)write ``<stem>.json`` and ``<stem>.md`` with what is measured so far."""
     report["elapsed_s"] = time.perf_counter() - start
     os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(render_md(report))
-    print(f"wrote {stem}.json and {stem}.md ({report['elapsed_s']:.0f} s)")
-    return report
+    for ext, text in ((".json", json.dumps(report, indent=1, default=str)), (".md", render_md(report))):
+        with open(stem + ext + ".tmp", "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(stem + ext + ".tmp", stem + ext)  # never a half-written file
 
 
 def suite_note(device: torch.device) -> str:

@@ -49,7 +49,8 @@ from .plugin_state import KeepsStateWhenAbsent
 
 __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
            "attention_with_bias", "packed_attention_with_bias", "FLEX_MIN_TOKENS", "flex_attention_available",
-           "use_flex_gaussian_attention", "gaussian_score_mod", "flex_gaussian_attention"]
+           "use_flex_gaussian_attention", "gaussian_score_mod", "flex_gaussian_attention", "SDPA_MASK_ALIGNMENT",
+           "sdpa_mask_layout"]
 
 #: ``'block'``: one (σ, a) per block, shared over heads (paper default);
 #: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
@@ -57,6 +58,38 @@ __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "ga
 GAB_GRANULARITIES = ("block", "head", "network")
 
 _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
+
+#: Row alignment (elements) of a float ``attn_mask`` that SDPA's memory-efficient CUDA kernel takes as it is:
+#: ``preprocess_mask`` in torch's aten/src/ATen/native/transformers/attention.cpp pads (copies) any mask whose
+#: strides, but the last, are not multiples of 8 — every GAB bias of a ViT (197 tokens at 224 px), on every call.
+SDPA_MASK_ALIGNMENT = 8
+#: devices whose eval-cached bias is stored by :func:`sdpa_mask_layout` (CPU SDPA neither pads nor needs it)
+_SDPA_LAYOUT_DEVICES = ("cuda",)
+
+
+def sdpa_mask_layout(bias: torch.Tensor, dtype: torch.dtype, alignment: int = SDPA_MASK_ALIGNMENT) -> torch.Tensor:
+    """``bias.to(dtype)`` stored with its rows padded to a multiple of ``alignment``, viewed back to ``bias``'s shape.
+
+    What SDPA would otherwise do to a cached eval bias on every call, done
+    once: CUDA autocast casts every floating SDPA argument, the mask
+    included, to its lower precision (``scaled_dot_product_attention`` is a
+    ``lower_precision_fp`` op in aten/src/ATen/autocast_mode.cpp, and the
+    cast of a tensor that is no leaf needing a gradient is not cached), and
+    the memory-efficient kernel pads an unaligned mask (:data:`SDPA_MASK_ALIGNMENT`).
+    Same values as ``bias.to(dtype)``.
+    """
+    t = bias.shape[-1]
+    buf = bias.new_zeros(*bias.shape[:-1], -(-t // alignment) * alignment, dtype=dtype)
+    view = buf[..., :t]
+    view.copy_(bias)
+    return view
+
+
+def _sdpa_mask_dtype(param: torch.Tensor) -> torch.dtype:
+    # the dtype SDPA computes in for this module's bias: the autocast dtype when CUDA autocast is on
+    if param.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return param.dtype
 
 
 @torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
@@ -469,7 +502,9 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     device/dtype moves, ``load_state_dict`` and whenever a parameter is
     changed in place (optimizer step, ``copy_``), so a stale bias is never
     returned. Changes through ``param.data`` bypass version tracking: call
-    :meth:`clear_cache` after such edits.
+    :meth:`clear_cache` after such edits. On CUDA the cached bias is kept in
+    the dtype SDPA computes in (the autocast dtype under autocast) and in
+    the row-aligned layout of :func:`sdpa_mask_layout`.
 
     A state dict without any entry of this module (a checkpoint of the plain
     host) loads strictly: σ and a keep their current values, and a log line
@@ -598,13 +633,15 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     def _cached_bias(self, grid: Tuple[int, int]) -> torch.Tensor:
         p, a = self.gab_sigma_log, self.gab_amplitude
         key = (tuple(grid), p.device, p.dtype, p._version, a._version, p.data_ptr(), a.data_ptr(),
-               torch.is_inference_mode_enabled())
+               torch.is_inference_mode_enabled(), _sdpa_mask_dtype(p))
         bias = self._bias_cache.get(key)
         if bias is None:
             with torch.no_grad():
                 bias = self.compute_bias(tuple(grid))
+                if p.device.type in _SDPA_LAYOUT_DEVICES:  # cast and aligned once, not by SDPA in every call
+                    bias = sdpa_mask_layout(bias, key[-1])
             # entries of older parameter versions can never be hit again
-            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:] == key[1:]}
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:-1] == key[1:-1]}
             while len(self._bias_cache) >= _CACHE_SIZE:
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             self._bias_cache[key] = bias
