@@ -1,7 +1,7 @@
 """Temperature-free InfoNCE: the inverse hyperbolic tangent replaces temperature scaling.
 
 Paper: Bum Jun Kim, Sang Woo Kim, "Temperature-Free Loss Function for
-Contrastive Learning" (2024).
+Contrastive Learning".
 
 InfoNCE turns the cosine similarity ``s`` of two embeddings into a logit
 ``s / tau``; the temperature ``tau`` must be tuned. The paper replaces the
