@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,15 +66,17 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, iters: int, batch_size: int,
-                     lr: float, seed: int, device: str, desc: str) -> Tuple[float, str]:
-    """Train ``model`` for ``iters`` AdamW steps; returns (wall seconds, digest of the batch order and flips)."""
+                     lr: float, seed: int, device: str, desc: str,
+                     make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None
+                     ) -> Tuple[float, str]:
+    """Train ``model`` for ``iters`` steps (AdamW unless ``make_optimizer``); returns (wall seconds, batch digest)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
     model.to(device).train()
     normalize = robustness.normalizer(model)
-    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
+    opt = make_optimizer(model) if make_optimizer else create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, iters // 10)
     sched = CosineLRScheduler(opt, t_initial=iters, warmup_t=warmup, warmup_lr_init=lr * 0.01, lr_min=lr * 0.01,
                               t_in_epochs=False)
