@@ -22,6 +22,7 @@ PAIR_GROUPS: Dict[str, Tuple[str, ...]] = {
     "dropout": ("dropout",),
     "gamma": ("gamma",),
     "infonce": ("infonce",),
+    "depth": ("depth",),
 }
 
 
@@ -47,6 +48,7 @@ class SuiteSettings:
         stab_iters: Training iterations of every run of the stability pairs (dropout, gamma, infonce).
         knn_train_images: Training images of the kNN feature bank of the infonce pair.
         stab_test_images: Test images evaluated by the stability pairs.
+        depth_train_scenes / depth_val_scenes: In-memory 64x64 depth scenes of the depth pair.
         robustness_images: Test images for the contrast-robustness curve.
         erf_images: Validation scenes accumulated into each ERF map.
         variance_images: Validation scenes of the per-branch variance measurement.
@@ -72,6 +74,8 @@ class SuiteSettings:
     stab_iters: int = 80
     knn_train_images: int = 2000
     stab_test_images: int = 2000
+    depth_train_scenes: int = 512
+    depth_val_scenes: int = 64
     robustness_images: int = 1000
     erf_images: int = 16
     variance_images: int = 16
@@ -102,6 +106,8 @@ class SuiteSettings:
             stab_iters=sc(self.stab_iters, self.min_iters),
             knn_train_images=sc(self.knn_train_images, 64),
             stab_test_images=sc(self.stab_test_images, 64),
+            depth_train_scenes=sc(self.depth_train_scenes, 4 * self.cls_batch),
+            depth_val_scenes=sc(self.depth_val_scenes, 8),
             robustness_images=sc(self.robustness_images, 64),
             erf_images=sc(self.erf_images, 2),
             variance_images=sc(self.variance_images, 2),
@@ -117,6 +123,7 @@ def preset(name: str) -> SuiteSettings:
                              seg_batch=16, seg_lr=0.01, se_calib_batches=50, rates_sizes=(128, 256),
                              cls_iters=6000, cls_batch=128, cls_lr=1e-3, cls_test_images=10000, robustness_images=10000, erf_images=64,
                              stab_iters=3000, knn_train_images=10000, stab_test_images=10000,
+                             depth_train_scenes=4000, depth_val_scenes=500,
                              variance_images=64,
                              vit=dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3),
                              resnet=dict(channels=(64, 128, 256, 512), stem_width=32, output_stride=8))

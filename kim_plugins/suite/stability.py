@@ -1,4 +1,4 @@
-"""The training-stability pairs of the suite on Fashion-MNIST: dropout placement, BN-gamma decay, temperature-free InfoNCE.
+"""The training-stability pairs of the suite: dropout placement, BN-gamma decay, temperature-free InfoNCE, NaN-safe depth.
 
 Same conventions as :mod:`kim_plugins.suite.cls` (its data pipeline, seeds,
 batch order and evaluation): every variant of a pair is created after
@@ -20,6 +20,8 @@ is the plugin.
   0.07 vs temperature-free; metric: kNN top-1 (k = 20, cosine) of the
   encoder features. A tuned tau may win: the paper's claim is "no tuning
   needed", not "always better".
+- ``depth``: :mod:`kim_plugins.suite.depth_pair` (sparse-depth Fashion scenes,
+  mmseg's ``SiLogLoss`` vs the NaN-safe loss and head).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from kim_plugins import robustness
 from kim_plugins.suite.cls import evaluate_top1, make_classifier, to_input, train_classifier
+from kim_plugins.suite.depth_pair import DEPTH_VARIANTS, depth_synthetic_step, run_depth_pair
 
 __all__ = ["STABILITY_PAIRS", "run_stability_pair", "synthetic_step", "report_lines"]
 
@@ -60,6 +63,9 @@ STABILITY_PAIRS: Dict[str, Dict[str, Any]] = {
         variants=[("InfoNCE tau 0.5", dict(temperature=0.5), True),
                   ("InfoNCE tau 0.07", dict(temperature=0.07), False),
                   ("temperature-free", dict(temperature=None), False)]),
+    "depth": dict(
+        title="Monocular depth on sparse Fashion scenes: mmseg SiLogLoss vs NaN-safe (kim_plugins.suite.depth_pair)",
+        metric="d1", variants=DEPTH_VARIANTS),
 }
 
 _SGD_LR, _SGD_WD = 0.05, 5e-4
@@ -210,6 +216,8 @@ def knn_top1(encoder: nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_
 
 def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     """A training step and an eval forward of one batch of the pair's baseline on random data (budget estimate)."""
+    if pair == "depth":
+        return depth_synthetic_step(settings)
     spec = STABILITY_PAIRS[pair]["variants"][0][1]
     model = _classifier(pair, spec, settings, 0)
     views = 2 if pair == "infonce" else 1
@@ -236,6 +244,8 @@ def estimate_pair_cost(pair: str, settings, cost: Dict[str, float], overhead_s: 
     """Seconds of one stability pair given its measured step and per-image costs."""
     variants = len(STABILITY_PAIRS[pair]["variants"])
     eval_images = settings.stab_test_images + (settings.knn_train_images if pair == "infonce" else 0)
+    if pair == "depth":
+        eval_images = settings.depth_val_scenes
     per_run = overhead_s + 1.1 * settings.stab_iters * cost["step_s"] + eval_images * cost["image_s"]
     probes = variants * 32 * 256 * cost["image_s"] if pair == "dropout" else 0.0
     return settings.seeds * variants * per_run + probes
@@ -245,6 +255,8 @@ def run_stability_pair(pair: str, settings, data, out_dir: str, device: str):
     """Train every variant of a stability pair for every seed; measure its mechanism."""
     from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
 
+    if pair == "depth":
+        return run_depth_pair(settings, data, device)
     spec = STABILITY_PAIRS[pair]
     test_x = data.test_images[:settings.stab_test_images]
     test_y = data.test_labels[:settings.stab_test_images]
