@@ -130,13 +130,19 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
     model = make_classifier(name, settings.vit if pair == "vit" else settings.resnet, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(settings.cls_batch, 3, 32, 32)
     y = torch.randint(0, 10, (settings.cls_batch,))
+    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x)), len(x))
+
+
+def timing_closures(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                    forward_fn: Callable[[nn.Module], Any]) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """``(step, forward)``: one AdamW training step on ``loss_fn(model)``, one eval ``forward_fn(model)``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         model.train()
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,9 +150,9 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     @torch.no_grad()
     def forward() -> None:
         model.eval()
-        model(x)
+        forward_fn(model)
 
-    return step, forward, len(x)
+    return step, forward
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -151,24 +151,13 @@ def evaluate_depth(model: nn.Module, x: torch.Tensor, d: torch.Tensor, device: s
 
 def depth_synthetic_step(settings) -> Tuple[Callable, Callable, int]:
     """A training step and an eval forward of the depth baseline on random data (budget estimate)."""
+    from kim_plugins.suite.cls import timing_closures
+
     model = TinyDepthNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(settings.cls_batch, 3, SCENE, SCENE)
     d = torch.rand(settings.cls_batch, 1, SCENE, SCENE) * 9 + 0.5
-
-    def step() -> None:
-        model.train()
-        loss = F.l1_loss(torch.sigmoid(model(x)) * MAX_DEPTH, d)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def forward() -> None:
-        model.eval()
-        model(x)
-
-    return step, forward, len(x)
+    return (*timing_closures(model, lambda m: F.l1_loss(torch.sigmoid(m(x)) * MAX_DEPTH, d), lambda m: m(x)),
+            len(x))
 
 
 def run_depth_pair(settings, data, device: str):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kim_plugins import robustness
-from kim_plugins.suite.cls import evaluate_top1, make_classifier, to_input, train_classifier
+from kim_plugins.suite.cls import evaluate_top1, make_classifier, timing_closures, to_input, train_classifier
 from kim_plugins.suite.depth_pair import DEPTH_VARIANTS, depth_synthetic_step, run_depth_pair
 
 __all__ = ["STABILITY_PAIRS", "run_stability_pair", "synthetic_step", "report_lines"]
@@ -220,24 +220,10 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
         return depth_synthetic_step(settings)
     spec = STABILITY_PAIRS[pair]["variants"][0][1]
     model = _classifier(pair, spec, settings, 0)
-    views = 2 if pair == "infonce" else 1
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(settings.cls_batch * views, 3, 32, 32)
+    x = torch.randn(settings.cls_batch * (2 if pair == "infonce" else 1), 3, 32, 32)  # two views per image
     y = torch.randint(0, 10, (len(x),))
-
-    def step() -> None:
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def forward() -> None:
-        model.eval()
-        model(x[:settings.cls_batch])
-
-    return step, forward, settings.cls_batch
+    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x[:settings.cls_batch])),
+            settings.cls_batch)
 
 
 def estimate_pair_cost(pair: str, settings, cost: Dict[str, float], overhead_s: float) -> float:
