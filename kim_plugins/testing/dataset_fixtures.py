@@ -138,10 +138,10 @@ def _label_map(rng: np.random.Generator, h: int, w: int, values: Sequence[int]) 
 
 
 def _depth_map(rng: np.random.Generator, h: int, w: int, depth_range_mm: Sequence[int]) -> np.ndarray:
-    """Smooth depth in millimetres (uint16) with about 20 % unmeasured (0) pixels in blobs, as NYU's raw maps."""
+    """Smooth depth in millimetres (uint16) with about 15 % unmeasured (0) pixels in blobs, as NYU's raw maps."""
     lo, hi = depth_range_mm
     depth = lo + (hi - lo) * _smooth_noise(rng, h, w, 1, cell=12)[..., 0]
-    holes = _smooth_noise(rng, h, w, 1, cell=5)[..., 0] < 0.2
+    holes = _smooth_noise(rng, h, w, 1, cell=5)[..., 0] < 0.3
     depth[holes] = 0
     return np.round(depth).astype(np.uint16)
 
@@ -186,7 +186,7 @@ def make_dataset_fixture(name: str, root: str, seed: int = 0, num_train: Optiona
     for split, count in zip(spec.splits, (n_train, n_val)):
         names = []
         for i in range(count):
-            stem = f"bedroom_{split}_{i:04d}" if spec.depth else f"{split}_{i:04d}"
+            stem = f"bedroom_{i:04d}" if spec.depth else f"{split}_{i:04d}"
             sub = ""
             if spec.subdirs:
                 city = spec.subdirs[i % len(spec.subdirs)]
