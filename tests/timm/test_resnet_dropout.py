@@ -117,3 +117,18 @@ def test_features_only_and_timm_factory_options_work():
     x = torch.randn(1, 3, 64, 64)
     assert all(torch.equal(a, b) for a, b in zip(ours(x), plain(x)))
     assert ours.feature_info.channels() == plain.feature_info.channels() == [256, 1024]
+
+
+def test_timm_model_conventions_backward_pre_logits_and_cfg():
+    model = timm.create_model("resnetv2_50_dropout", num_classes=42)
+    out = model(torch.randn(2, 3, 64, 64))
+    out.sum().backward()
+    assert out.shape == (2, 42)
+    assert all(p.grad is not None for p in model.parameters())
+    cfg = model.pretrained_cfg
+    assert cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "head.fc"
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(0)
+    assert torch.equal(model(x), pre)
