@@ -71,9 +71,9 @@ class SuiteSettings:
     cls_batch: int = 32
     cls_lr: float = 2e-3
     cls_test_images: int = 5000
-    stab_iters: int = 80
-    knn_train_images: int = 2000
-    stab_test_images: int = 2000
+    stab_iters: int = 60
+    knn_train_images: int = 1000
+    stab_test_images: int = 1000
     depth_train_scenes: int = 512
     depth_val_scenes: int = 64
     robustness_images: int = 1000
