@@ -12,7 +12,8 @@ crop_size = (480, 480)
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(
     type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True, pad_val=0, seg_pad_val=0, size=crop_size)
+    bgr_to_rgb=True, pad_val=0, seg_pad_val=0, size=crop_size,
+    test_cfg=dict(size_divisor=32))  # VPDDepthHead fuses stride 16 with 2x stride 32: sides must divide by 32
 model = dict(
     type='DepthEstimator',
     data_preprocessor=data_preprocessor,

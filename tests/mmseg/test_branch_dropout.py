@@ -16,19 +16,21 @@ def _resnet(plugins=None):
 
 
 def test_plugin_sits_after_norm2_relu_and_before_conv3():
-    plain = _resnet().eval()
+    plain = _resnet()
+    plain.eval()                                     # mmseg's ResNet.train() returns None: no chaining
     ours = _resnet([dict(cfg=dict(type="BranchDropout", p=0.3), position="after_conv2")])
     ours.load_state_dict(plain.state_dict(), strict=True)
     block = ours.layer2[1]
     assert block.after_conv2_plugin_names == ["branch_dropout"] and block.branch_dropout.p == 0.3
+    x = torch.randn(2, 3, 32, 32)
+    ours.eval()
+    assert all(torch.equal(a, b) for a, b in zip(ours(x), plain(x)))   # no parameter, eval = the plain backbone
     order = []
     for name in ("norm2", "branch_dropout", "conv3"):
         getattr(block, name).register_forward_hook(lambda m, i, o, n=name: order.append(n))
-    x = torch.randn(2, 3, 32, 32)
-    ours.train()(x)
+    ours.train()
+    ours(x)
     assert order == ["norm2", "branch_dropout", "conv3"]
-    ours.eval()
-    assert all(torch.equal(a, b) for a, b in zip(ours(x), plain(x)))
 
 
 def test_bad_rate_is_a_clear_error():
