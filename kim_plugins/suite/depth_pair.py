@@ -5,8 +5,10 @@ Scenes are composed in memory from real Fashion-MNIST garments
 pixel gets a depth from its class (``1 + 0.8 * class`` metres, 1.0–8.2) and
 the background 9.5 m. Training ground truth is *sparse*, as from a depth
 sensor: each scene keeps a random fraction of its pixels, drawn log-uniformly
-in [1e-4, 0.3], so some scenes have 0 or 1 valid pixel (the case that makes
-mmseg's ``SiLogLoss`` return a nan gradient). Validation ground truth is dense.
+in [1e-4, 0.3], so some scenes have 0 or 1 valid pixel (where the NaN-safe
+loss skips the sample; mmseg's in-place masking gives an empty sample a zero
+gradient, and its nan needs an exact prediction, D = 0). Validation ground
+truth is dense.
 
 Variants (same model initialisation, same batches):
 

@@ -96,7 +96,7 @@ def test_budget_planner_includes_the_stability_pairs():
     assert fits and f < 1 and s.stab_iters < base.stab_iters and s.cls_batch == base.cls_batch
 
 
-def test_depth_scenes_are_sparse_and_mmseg_silog_gives_nan_gradients_on_an_empty_scene_where_the_stable_loss_does_not():
+def test_depth_scenes_are_sparse_and_mmseg_silog_gives_nan_gradients_at_a_perfect_prediction_where_stable_does_not():
     from kim_plugins.suite.depth_pair import DEPTH_VARIANTS, _loss_fn, make_depth_scenes
 
     data = _data(200, 20)
@@ -107,12 +107,15 @@ def test_depth_scenes_are_sparse_and_mmseg_silog_gives_nan_gradients_on_an_empty
     _, dv = make_depth_scenes(data.test_images, data.test_labels, 4, 1, sparse=False)
     allowed = torch.tensor([1.0 + 0.8 * c for c in range(10)] + [9.5])
     assert (dv > 0).all() and torch.isclose(torch.unique(dv)[:, None], allowed[None]).any(dim=1).all()
-    empty = torch.zeros(2, 1, 8, 8)
-    empty[0, 0, :2, :2] = 3.0
+    gt = torch.zeros(3, 1, 8, 8)
+    gt[0, 0, :2, :2] = 3.0                  # an ordinary sample
+    gt[1, 0, :3, :3] = 5.0                  # = sigmoid(0) * 10: the prediction is exact, D = 0
+    #   gt[2] has no valid pixel: mmseg's in-place masking gives it loss 0 and gradient 0 (no nan)
     for name, spec, baseline in DEPTH_VARIANTS:
-        logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
-        _loss_fn(spec)(logits, empty).backward()
-        assert torch.isfinite(logits.grad).all() != baseline, name
+        logits = torch.zeros(3, 1, 8, 8, requires_grad=True)
+        _loss_fn(spec)(logits, gt).backward()
+        assert torch.isfinite(logits.grad[[0, 2]]).all(), name
+        assert torch.isfinite(logits.grad[1]).all() != baseline, name
 
 
 def test_depth_pair_runs_and_the_stable_variants_never_skip_a_step(tmp_path):
