@@ -74,8 +74,8 @@ class SuiteSettings:
     stab_iters: int = 60
     knn_train_images: int = 1000
     stab_test_images: int = 1000
-    depth_train_scenes: int = 512
-    depth_val_scenes: int = 64
+    depth_train_scenes: int = 256
+    depth_val_scenes: int = 32
     robustness_images: int = 1000
     erf_images: int = 16
     variance_images: int = 16
