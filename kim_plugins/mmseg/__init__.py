@@ -17,3 +17,7 @@ from . import complexity  # noqa: F401  SDPA FLOP handler for mmengine's complex
 from . import se_heads, se_hook  # noqa: F401  scale equalizers
 from . import ra_aspp_heads  # noqa: F401  resolution-aware atrous rates
 from . import sap  # noqa: F401  stochastic average pooling
+from . import contrastive_loss  # noqa: F401  temperature-free InfoNCE
+from . import nan_safe_depth  # noqa: F401  NaN-safe depth loss, log-space head, non-finite-loss hook
+from . import branch_dropout  # noqa: F401  dropout placement plugin for ResNet branches
+from . import bn_gamma_decay  # noqa: F401  L2 on BatchNorm gammas by category

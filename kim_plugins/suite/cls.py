@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,15 +66,17 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, iters: int, batch_size: int,
-                     lr: float, seed: int, device: str, desc: str) -> Tuple[float, str]:
-    """Train ``model`` for ``iters`` AdamW steps; returns (wall seconds, digest of the batch order and flips)."""
+                     lr: float, seed: int, device: str, desc: str,
+                     make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None
+                     ) -> Tuple[float, str]:
+    """Train ``model`` for ``iters`` steps (AdamW unless ``make_optimizer``); returns (wall seconds, batch digest)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
     model.to(device).train()
     normalize = robustness.normalizer(model)
-    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
+    opt = make_optimizer(model) if make_optimizer else create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, iters // 10)
     sched = CosineLRScheduler(opt, t_initial=iters, warmup_t=warmup, warmup_lr_init=lr * 0.01, lr_min=lr * 0.01,
                               t_in_epochs=False)
@@ -128,13 +130,19 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
     model = make_classifier(name, settings.vit if pair == "vit" else settings.resnet, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(settings.cls_batch, 3, 32, 32)
     y = torch.randint(0, 10, (settings.cls_batch,))
+    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x)), len(x))
+
+
+def timing_closures(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                    forward_fn: Callable[[nn.Module], Any]) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """``(step, forward)``: one AdamW training step on ``loss_fn(model)``, one eval ``forward_fn(model)``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         model.train()
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,9 +150,9 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     @torch.no_grad()
     def forward() -> None:
         model.eval()
-        model(x)
+        forward_fn(model)
 
-    return step, forward, len(x)
+    return step, forward
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ BASE_CONFIG = {
     "chase_db1": "chase_db1.py",
     "hrf": "hrf.py",
     "isaid": "isaid.py",
+    "nyu": "nyu.py",
 }
 
 
-def _build(loader_cfg, data_root):
+def _build(loader_cfg, data_root, depth=False):
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
@@ -31,7 +32,8 @@ def _build(loader_cfg, data_root):
     def fix(d):
         if "data_root" in d:
             d["data_root"] = data_root
-            d["pipeline"] = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")]
+            d["pipeline"] = [dict(type="LoadImageFromFile"),
+                             dict(type="LoadDepthAnnotation") if depth else dict(type="LoadAnnotations")]
         if d.get("type") == "RepeatDataset":
             d["times"] = 1
 
@@ -47,14 +49,20 @@ def test_fixture_loads_through_mmseg_class(name, fixture_root):
     cfg = Config.fromfile(os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs", "_base_",
                                        "datasets", BASE_CONFIG[name]))
     data_root = os.path.join(fixture_root, name)
-    train = _build(cfg.train_dataloader, data_root)
-    val = _build(cfg.val_dataloader, data_root)
+    train = _build(cfg.train_dataloader, data_root, spec.depth)
+    val = _build(cfg.val_dataloader, data_root, spec.depth)
     # VOC aug concatenates the train list and the aug list (same stems here).
     expected_train = 2 * spec.num_train if name == "voc2012" else spec.num_train
     assert len(train) == expected_train
     assert len(val) == spec.num_val
     assert type(val).__name__ == spec.mmseg_class
 
+    if spec.depth:  # millimetres in [min, max], about a fifth unmeasured (0)
+        depth = np.concatenate([val[i]["gt_depth_map"].ravel() for i in range(len(val))])
+        assert val[0]["img"].shape[:2] == spec.size and depth.dtype == np.float32
+        lo, hi = spec.label_values
+        assert 0.05 < (depth == 0).mean() < 0.5 and lo <= depth[depth > 0].min() and depth.max() <= hi
+        return
     seen = set()
     for i in range(len(val)):
         sample = val[i]
