@@ -60,7 +60,7 @@ def fashion_mnist_images(num: int, size: Tuple[int, int], mean: Sequence[float],
     from kim_plugins.data.fashion_mnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test", directory)
-    x = torch.from_numpy(np.ascontiguousarray(images[:num])).float()[:, None] / 255.0
+    x = torch.from_numpy(images[:num].copy()).float()[:, None] / 255.0
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1) * scale
     m = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
     s = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
