@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,8 +66,15 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, iters: int, batch_size: int,
-                     lr: float, seed: int, device: str, desc: str) -> Tuple[float, str]:
-    """Train ``model`` for ``iters`` AdamW steps; returns (wall seconds, digest of the batch order and flips)."""
+                     lr: float, seed: int, device: str, desc: str,
+                     augment: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
+                     ) -> Tuple[float, str]:
+    """Train ``model`` for ``iters`` AdamW steps; returns (wall seconds, digest of the batch order and flips).
+
+    ``augment(x, y) -> (x, y)`` acts on each normalised batch before the loss
+    (``y`` may become soft targets ``(B, 10)``, e.g. timm's ``Mixup``); its own
+    randomness does not touch the batch order.
+    """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
@@ -94,8 +101,11 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
         flip = torch.rand(len(idx), generator=gen) < 0.5
         digest.update(idx.numpy().tobytes() + flip.numpy().tobytes())
         x = to_input(images[idx.numpy()])
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-        loss = F.cross_entropy(model(normalize(x)), y_all[idx].to(device))
+        x = normalize(torch.where(flip[:, None, None, None], x.flip(-1), x).to(device))
+        y = y_all[idx].to(device)
+        if augment is not None:
+            x, y = augment(x, y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
