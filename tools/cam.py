@@ -49,7 +49,7 @@ def fashion_mnist(split: str, directory: Optional[str] = None):
 
 
 def prepare_images(images: torch.Tensor, size: int, normalize) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> normalised RGB ``(N, 3, size, size)`` as :func:`kim_plugins.robustness.brief_train` feeds."""
+    """uint8 ``(N, 28, 28)`` -> normalised RGB ``(N, 3, size, size)``, as ``robustness.brief_train`` feeds it."""
     x = F.interpolate(images.float().div(255.0).unsqueeze(1), size=(size, size), mode="bilinear",
                       align_corners=False, antialias=True).expand(-1, 3, -1, -1)
     return normalize(x)

@@ -36,7 +36,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -139,6 +138,8 @@ def plot(before: Tuple[torch.Tensor, Any], after: Tuple[torch.Tensor, Any], titl
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from erf import _DictAction  # key=value pairs as in mmseg's tools (mmengine imported lazily)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -165,14 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-options", nargs="+", action=_DictAction, default=None,
                    help="override mmseg config settings, key=value (as in mmseg's tools)")
     return p
-
-
-class _DictAction(argparse.Action):
-    """``key=value`` pairs (mmengine's DictAction, imported lazily so timm-only use needs no mmengine)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from mmengine.config import DictAction
-        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -49,8 +49,8 @@ What this module computes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,8 @@ def _window_levels(z: torch.Tensor, period: int) -> Tuple[torch.Tensor, torch.Te
 
 
 # ----------------------------------------------------------------------------- per-stage attribution
-def stage_targets(model: nn.Module, num_stages: Optional[int] = None) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def stage_targets(model: nn.Module,
+                  num_stages: Optional[int] = None) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """One ERF target per stage of a backbone: ``x -> (B, C, h, w)`` stage output.
 
     timm models: ``forward_intermediates(x, indices=[i], intermediates_only=True)``

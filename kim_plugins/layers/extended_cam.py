@@ -194,7 +194,8 @@ class CAM:
         return self.sigma_
 
     def contributions(self, input_tensor: torch.Tensor,
-                      targets: Optional[Union[Sequence[int], torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      targets: Optional[Union[Sequence[int], torch.Tensor]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Signed ``(B, H, W)`` maps (not normalised) and the ``(B,)`` targets used (default: predicted class)."""
         training = self.model.training
         self.model.eval()

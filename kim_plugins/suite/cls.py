@@ -137,10 +137,15 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     For the budget estimate. Returns ``(step, forward, batch size)``.
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
-    model = make_classifier(name, settings.vit if pair == "vit" else settings.resnet, 0)
+    return synthetic_classifier_step(name, settings.vit if pair == "vit" else settings.resnet, settings.cls_batch)
+
+
+def synthetic_classifier_step(timm_name: str, overrides: Dict[str, Any], batch: int) -> Tuple[Callable, Callable, int]:
+    """``(step, forward, batch)`` of a 32x32 classifier on random data (one AdamW step; one eval forward)."""
+    model = make_classifier(timm_name, overrides, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(settings.cls_batch, 3, 32, 32)
-    y = torch.randint(0, 10, (settings.cls_batch,))
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
 
     def step() -> None:
         model.train()

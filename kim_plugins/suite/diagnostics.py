@@ -28,7 +28,6 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kim_plugins import robustness
 from kim_plugins.suite import cls
@@ -56,24 +55,7 @@ def _overrides(pair: str, settings) -> Dict[str, Any]:
 def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     """A training step and an eval forward of one batch of the pair's baseline on random data (budget estimate)."""
     _, name, _ = DIAG_PAIRS[pair]["variants"][0]
-    model = cls.make_classifier(name, _overrides(pair, settings), 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(settings.cls_batch, 3, 32, 32)
-    y = torch.randint(0, 10, (settings.cls_batch,))
-
-    def step() -> None:
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def forward() -> None:
-        model.eval()
-        model(x)
-
-    return step, forward, len(x)
+    return cls.synthetic_classifier_step(name, _overrides(pair, settings), settings.cls_batch)
 
 
 def estimate_pair_cost(pair: str, settings, cost: Dict[str, float]) -> float:

@@ -1,20 +1,12 @@
 """tools/cam.py end to end (tiny: a few training steps at 32 px)."""
-import importlib.util
 import json
 import os
 
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.tools import load_tool
 
 
 def test_cam_tool_writes_side_by_side_plot_and_scores(tmp_path, capsys):
-    out = _tool("cam").main(["resnet18", "--size", "32", "--output-stride", "8", "--train-steps", "3",
+    out = load_tool("cam").main(["resnet18", "--size", "32", "--output-stride", "8", "--train-steps", "3",
                              "--num-images", "2", "--eval-images", "8", "--steps", "4", "--sigma", "3",
                              "--out-dir", str(tmp_path)])
     nums = json.load(open(out["json"]))

@@ -1,22 +1,14 @@
 """tools/check_vit_augmentation.py on real Fashion-MNIST (small)."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.tools import load_tool
 
 
 def test_deit_recipe_is_flagged_measured_and_strict_fails(tmp_path, capsys):
-    tool = _tool("check_vit_augmentation")
+    tool = load_tool("check_vit_augmentation")
     args = tmp_path / "args.yaml"
     args.write_text("mixup: 0.8\ncutmix: 1.0\nreprob: 0.25\nremode: const\nmodel: vit_small_patch16_224\n")
     out = tool.main([str(args), "--num-images", "1000", "--out-dir", str(tmp_path / "out")])
@@ -32,12 +24,12 @@ def test_deit_recipe_is_flagged_measured_and_strict_fails(tmp_path, capsys):
 
 
 def test_mixup_alone_matches_the_closed_form(tmp_path):
-    out = _tool("check_vit_augmentation").main(["mixup=0.8", "--num-images", "4000", "--out-dir", str(tmp_path)])
+    out = load_tool("check_vit_augmentation").main(["mixup=0.8", "--num-images", "4000", "--out-dir", str(tmp_path)])
     r = out["measured"]["your settings"]
     assert r["within"] == pytest.approx(r["expected_within"], rel=0.03)  # 1.8 / 2.6 = 0.692
 
 
 def test_guideline_settings_pass(tmp_path):
-    out = _tool("check_vit_augmentation").main(["mixup=0.0", "cutmix=1.0", "reprob=0.25", "remode='pixel'",
+    out = load_tool("check_vit_augmentation").main(["mixup=0.0", "cutmix=1.0", "reprob=0.25", "remode='pixel'",
                                                 "--num-images", "0", "--strict", "--out-dir", str(tmp_path)])
     assert out["findings"] == [] and out["png"] is None

@@ -1,29 +1,17 @@
 """tools/dead_pixel_test.py end to end on CPU at tiny sizes."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-TOOLS = os.path.join(ROOT, "tools")
-
-
-def _tool(name):
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.tools import load_tool
 
 
 def test_dead_pixel_tool_timm_writes_table_plot_and_numbers(tmp_path, capsys):
     from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
     root = make_dataset_fixture("ade20k", str(tmp_path / "data"), num_train=2, num_val=1)
-    out = _tool("dead_pixel_test").main(["resnet18", "--size", "32", "--images", os.path.join(root, "images"),
-                                         "--num-images", "2", "--out-dir", str(tmp_path / "out")])
+    out = load_tool("dead_pixel_test").main(["resnet18", "--size", "32", "--images", os.path.join(root, "images"),
+                                              "--num-images", "2", "--out-dir", str(tmp_path / "out")])
     nums = json.load(open(out["json"]))
     assert nums["init"] == "fresh" and nums["maxpool"] is True and nums["weights"].startswith("untrained")
     assert [c["name"] for c in nums["changes"]][:2] == ["conv1", "maxpool"]
@@ -37,8 +25,8 @@ def test_dead_pixel_tool_timm_writes_table_plot_and_numbers(tmp_path, capsys):
 def test_dead_pixel_tool_pad_without_maxpool_keeps_the_erf(tmp_path):
     from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
     root = make_dataset_fixture("ade20k", str(tmp_path / "data"), num_train=2, num_val=1)
-    out = _tool("dead_pixel_test").main(["resnet18", "--size", "32", "--images", os.path.join(root, "images"),
-                                         "--num-images", "2", "--init", "pad", "--no-maxpool",
+    out = load_tool("dead_pixel_test").main(["resnet18", "--size", "32", "--images", os.path.join(root, "images"),
+                                              "--num-images", "2", "--init", "pad", "--no-maxpool",
                                          "--out-dir", str(tmp_path / "out")])
     nums = out["numbers"]
     for stage in nums["before"]:  # zero-padded kernels compute the same function: the same ERF
