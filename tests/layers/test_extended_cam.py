@@ -152,3 +152,13 @@ def test_deletion_insertion_on_fashion_mnist_cams_beat_a_random_order():
         assert scores[name]["deletion"] < scores["random"]["deletion"], scores
         assert scores[name]["insertion"] > scores["random"]["insertion"], scores
     assert all(0 <= v <= 1 and not math.isnan(v) for s in scores.values() for v in s.values())
+
+
+def test_extended_cam_under_bf16_autocast_matches_float32():
+    model = GaussianRFLinear()
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    ref, _ = ExtendedCAM(model, sigma=3.0).contributions(x, [0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ExtendedCAM(model, sigma=3.0).contributions(x, [0, 1])
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()

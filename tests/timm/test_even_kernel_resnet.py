@@ -51,3 +51,15 @@ def test_plain_weights_load_zero_padded_and_keep_the_convs(tmp_path):
     assert (even.conv1.weight[..., 7, :] == 0).all()
     x = torch.randn(1, 3, SIZE, SIZE)
     torch.testing.assert_close(even(x), plain(x), atol=1e-5, rtol=0)
+
+
+def test_even_model_under_bf16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18_even", num_classes=10, zero_init_last=False).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
