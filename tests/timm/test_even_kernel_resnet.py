@@ -63,3 +63,10 @@ def test_even_model_under_bf16_autocast_stays_close_to_float32():
             out = model(x)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_features_only_gives_the_plain_resnet_shapes():
+    x = torch.randn(1, 3, SIZE, SIZE)
+    even = [f.shape for f in timm.create_model("resnet18_even", features_only=True).eval()(x)]
+    plain = [f.shape for f in timm.create_model("resnet18", features_only=True).eval()(x)]
+    assert even == plain
