@@ -94,7 +94,8 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
         images = fashion_mnist_images(args.num_images, size, mean, std, scale, args.fashion_mnist)
         source = "Fashion-MNIST test images"
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "untrained (random initialisation)"
-    return dict(model=model.eval(), images=images.to(args.device), size=size, kind=kind, source=source,
+    model.eval()  # mmseg's ResNet.train() returns None: no chaining
+    return dict(model=model, images=images.to(args.device), size=size, kind=kind, source=source,
                 weights=weights)
 
 

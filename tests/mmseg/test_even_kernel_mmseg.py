@@ -20,7 +20,8 @@ def _backbone(**cfg):
     torch.manual_seed(0)
     model = MODELS.build(cfg)
     model.init_weights()
-    return model.eval()
+    model.eval()  # mmseg's ResNet.train() returns None
+    return model
 
 
 @pytest.mark.parametrize("cfg, strided", [
