@@ -167,9 +167,13 @@ def run_diag_pair(pair: str, settings, data, out_dir: str, device: str):
     test_x, test_y = data.test_images[:n_test], data.test_labels[:n_test]
     rows = []
     seed = 0
+    base_shapes: Dict[str, Tuple[int, ...]] = {}
     for name, timm_name, baseline in spec["variants"]:
         model = cls.make_classifier(timm_name, overrides, seed)
-        init = param_fingerprint(model)
+        shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        base_shapes = shapes if baseline else base_shapes
+        # the enlarged kernels of the even model are the plugin itself: compare the parameters of equal shape
+        init = {k: v for k, v in param_fingerprint(model).items() if shapes[k] == base_shapes.get(k)}
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
