@@ -67,9 +67,16 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, iters: int, batch_size: int,
                      lr: float, seed: int, device: str, desc: str,
-                     make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None
+                     make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+                     augment: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
                      ) -> Tuple[float, str]:
-    """Train ``model`` for ``iters`` steps (AdamW unless ``make_optimizer``); returns (wall seconds, batch digest)."""
+    """Train ``model`` for ``iters`` steps (AdamW unless ``make_optimizer``); returns (wall seconds, digest of
+    the batch order and flips).
+
+    ``augment(x, y) -> (x, y)`` acts on each normalised batch before the loss
+    (``y`` may become soft targets ``(B, 10)``, e.g. timm's ``Mixup``); its own
+    randomness does not touch the batch order.
+    """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
@@ -96,8 +103,11 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
         flip = torch.rand(len(idx), generator=gen) < 0.5
         digest.update(idx.numpy().tobytes() + flip.numpy().tobytes())
         x = to_input(images[idx.numpy()])
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-        loss = F.cross_entropy(model(normalize(x)), y_all[idx].to(device))
+        x = normalize(torch.where(flip[:, None, None, None], x.flip(-1), x).to(device))
+        y = y_all[idx].to(device)
+        if augment is not None:
+            x, y = augment(x, y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,9 +139,14 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     For the budget estimate. Returns ``(step, forward, batch size)``.
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
-    model = make_classifier(name, settings.vit if pair == "vit" else settings.resnet, 0)
-    x = torch.randn(settings.cls_batch, 3, 32, 32)
-    y = torch.randint(0, 10, (settings.cls_batch,))
+    return synthetic_classifier_step(name, settings.vit if pair == "vit" else settings.resnet, settings.cls_batch)
+
+
+def synthetic_classifier_step(timm_name: str, overrides: Dict[str, Any], batch: int) -> Tuple[Callable, Callable, int]:
+    """``(step, forward, batch)`` of a 32x32 classifier on random data (one AdamW step; one eval forward)."""
+    model = make_classifier(timm_name, overrides, 0)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
     return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x)), len(x))
 
 

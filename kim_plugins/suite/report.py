@@ -506,6 +506,9 @@ def write_report(out_dir: str, results: List[PairResult], run_info: Dict[str, An
     for pr in results:
         if pr.pair in STABILITY_PAIRS:
             lines += report_lines(pr) + [""]
+    for pr in results:  # pairs that render their own mechanism section (kim_plugins.suite.diagnostics)
+        if pr.mechanism.get("report_lines"):
+            lines += list(pr.mechanism["report_lines"]) + [""]
     lines += ["## 2. Accuracy against each baseline", "",
               "Δ = mean(variant) − mean(baseline) over the same seeds; \"not significant\" when a single seed was "
               "run or |Δ| ≤ 2·sqrt(s_b²/n + s_v²/n) (s: sample std over seeds). Train time is the wall time of "

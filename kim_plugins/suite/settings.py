@@ -23,6 +23,8 @@ PAIR_GROUPS: Dict[str, Tuple[str, ...]] = {
     "gamma": ("gamma",),
     "infonce": ("infonce",),
     "depth": ("depth",),
+    "deadpixel": ("deadpixel",),
+    "vitaug": ("vitaug",),
 }
 
 
@@ -54,6 +56,8 @@ class SuiteSettings:
         variance_images: Validation scenes of the per-branch variance measurement.
         vit: Overrides of the patch-4, 32x32 ViT (``timm.create_model`` kwargs).
         resnet: Overrides of the ResNet-18-D of the SAP pair.
+        diag_iters: Training iterations of the diagnostics pairs (dead pixel test, ViT augmentation).
+        diag_test_images: Test images of the diagnostics pairs.
         min_iters: Floor of the iteration counts when a budget cap scales them.
     """
 
@@ -81,6 +85,8 @@ class SuiteSettings:
     variance_images: int = 16
     vit: Dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2))
     resnet: Dict = field(default_factory=lambda: dict(channels=(16, 32, 64, 128), stem_width=16, output_stride=8))
+    diag_iters: int = 200
+    diag_test_images: int = 1000
     min_iters: int = 2
 
     def scaled(self, factor: float) -> "SuiteSettings":
@@ -111,6 +117,8 @@ class SuiteSettings:
             robustness_images=sc(self.robustness_images, 64),
             erf_images=sc(self.erf_images, 2),
             variance_images=sc(self.variance_images, 2),
+            diag_iters=sc(self.diag_iters, self.min_iters),
+            diag_test_images=sc(self.diag_test_images, 64),
         )
 
 
@@ -124,7 +132,7 @@ def preset(name: str) -> SuiteSettings:
                              cls_iters=6000, cls_batch=128, cls_lr=1e-3, cls_test_images=10000, robustness_images=10000, erf_images=64,
                              stab_iters=3000, knn_train_images=10000, stab_test_images=10000,
                              depth_train_scenes=4000, depth_val_scenes=500,
-                             variance_images=64,
+                             variance_images=64, diag_iters=3000, diag_test_images=10000,
                              vit=dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3),
                              resnet=dict(channels=(64, 128, 256, 512), stem_width=32, output_stride=8))
     raise ValueError(f"--suite must be 'quick' or 'full', got {name!r}")
