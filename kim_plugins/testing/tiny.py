@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config, ConfigDict
 
-from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn, walk_dicts
+from kim_plugins.config_rewrite import TIMM_BACKBONES, offline_weights, sync_bn_to_bn, walk_dicts
 
 __all__ = ["tiny_config", "run_tiny"]
 
@@ -125,7 +125,7 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
         sync_bn_to_bn(model)
     offline_weights(model)
     backbone = model.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("type") == "TIMMBackbone" and "img_size" in backbone \
+    if isinstance(backbone, dict) and backbone.get("type") in TIMM_BACKBONES and "img_size" in backbone \
             and not backbone.get("dynamic_img_size"):
         backbone["img_size"] = crop  # fixed-size timm ViTs (relpos) must match the tiny crop
     pre = model.get("data_preprocessor")

@@ -117,7 +117,7 @@ def test_train_cli_flags_build_the_config_mmseg_would_run(fixture_root, tmp_path
                             "convnext-tiny-timm_upernet_8xb2-amp-160k_ade20k-512x512.py")
     args = train.parse_args([convnext, "--no-pretrained", "--resume"])
     cfg = train.build_config(args)
-    assert cfg.model.backbone.type == "TIMMBackbone"
+    assert cfg.model.backbone.type == "LazyPretrainedTIMMBackbone"
     assert cfg.model.backbone.pretrained is False and "checkpoint_path" not in cfg.model.backbone
     assert cfg.resume is True and cfg.launcher == "none"
     assert cfg.work_dir == os.path.join("./work_dirs", os.path.basename(convnext)[:-3])
