@@ -12,6 +12,9 @@ analysis), with what a plugin-vs-baseline claim needs:
 - random input of ``--shape`` (no dataset needed), or ``--data`` batches from
   the first config's test dataloader (the same images for every config);
 - CPU (pinned ``--threads``) or GPU (synchronised);
+- scale equalizers folded as inference folds them (``kim_plugins.mmseg.se_inference``),
+  timed beside an exact unfolded copy (row ``NAME (unfolded)``; ``--folded-only``
+  skips it);
 - FLOPs counted by mmengine with kim_plugins' ``scaled_dot_product_attention``
   handler (``kim_plugins.mmseg.complexity``), so fused ViT attention counts.
 

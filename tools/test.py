@@ -16,6 +16,11 @@ plus:
 - ``--tiny DATA_ROOT``: evaluate on a small dataset in the config's layout
   with the same shrinking as ``tools/train.py --tiny`` (crop ``--tiny-crop``).
 
+Scale equalizers are folded into their convolutions before the first test
+batch (``kim_plugins.mmseg.se_inference``, as in mmseg's own ``tools/test.py``
+with kim_plugins imported); ``--cfg-options model.test_cfg.fold_scale_equalizers=False``
+keeps them unfolded.
+
 The metrics are written, as by mmseg, to ``WORK_DIR/<timestamp>/<timestamp>.json``,
 which ``tools/summarize.py`` reads.
 """
