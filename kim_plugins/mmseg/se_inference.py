@@ -75,12 +75,13 @@ def fold_for_inference(model: nn.Module) -> Optional[Dict[str, List[str]]]:
     """
     if getattr(model, _DONE, False) or model.training:
         return None
-    setattr(model, _DONE, True)
     equalizers = [m for m in model.modules() if isinstance(m, ScaleEqualizer)]
     if not equalizers or not _fold_enabled(model):
+        setattr(model, _DONE, True)
         return None
     if any(m.mode == "dataset" and not m.is_calibrated and not m.allow_uncalibrated for m in equalizers):
-        return None  # the forward raises the head's own error, naming the calibration hook
+        return None  # the forward raises the head's own error, naming the calibration hook; asked again next time
+    setattr(model, _DONE, True)
     result = fold_scale_equalizers(model)
     print_log(f"scale equalizers folded for inference: {len(result['folded'])} folded, "
               f"{len(result['unfolded'])} still running (test_cfg.{FOLD_KEY}=False keeps them unfolded)",

@@ -72,8 +72,9 @@ def test_fold_switch_must_be_a_bool(se_aspp_run):
 
     model = init_model(se_aspp_run.config, se_aspp_run.checkpoint, device="cpu",
                        cfg_options={"model.test_cfg.fold_scale_equalizers": "no"})
-    with pytest.raises(TypeError, match="fold_scale_equalizers must be True or False, got 'no'"):
-        inference_model(model, _image())
+    for _ in range(2):  # every call, not only the first
+        with pytest.raises(TypeError, match="fold_scale_equalizers must be True or False, got 'no'"):
+            inference_model(model, _image())
 
 
 def test_benchmark_times_the_folded_model_beside_its_unfolded_copy(se_aspp_run):
