@@ -73,8 +73,8 @@ def weights_only_refusal(path: str, err: BaseException) -> CheckpointTrustError:
         f"torch's safe (weights-only) loading refused the checkpoint {path!r}: it pickles objects "
         f"beyond weights (an old-style mmengine runner checkpoint pickles its message hub and numpy "
         f"scalars; checkpoints written with kim_plugins.mmseg imported do not). If you trust this file "
-        f"(e.g. your own run's work_dir), pass {TRUST_FLAG} to the tool (tools/test.py, train.py, "
-        f"benchmark.py, erf.py, atrous_rates.py), or in Python load it inside "
+        f"(e.g. your own run's work_dir) and named it on a tool's command line, add {TRUST_FLAG} "
+        f"(tools/test.py, train.py, benchmark.py, erf.py, atrous_rates.py); in Python, load it inside "
         f"`with kim_plugins.mmseg.resume.trust_local_checkpoint({path!r}):`; either unpickles exactly "
         f"this file and nothing else. Original error: {str(err).splitlines()[0]}")
 
