@@ -122,7 +122,7 @@ def render(root: str = _ROOT) -> str:
         "  [docs/tools.md](../docs/tools.md).",
         "- Offline (no ImageNet weights): `--no-pretrained` on `tools/train.py`/`tools/test.py`, or as",
         "  `--cfg-options`: `model.pretrained=None` (mmseg ResNet/HRNet configs),",
-        "  `model.backbone.init_cfg=None` (Swin), `model.backbone.pretrained=False` (`TIMMBackbone`:",
+        "  `model.backbone.init_cfg=None` (Swin), `model.backbone.pretrained=False` (`LazyPretrainedTIMMBackbone`:",
         "  ConvNeXt, ViT; or point `checkpoint_path` at a local timm checkpoint).",
         "",
         "## Matrix",

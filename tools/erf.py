@@ -56,12 +56,32 @@ def is_config(model: str) -> bool:
     return model.endswith(".py") or os.path.isfile(model)
 
 
+def uncalibrated_equalizer_owners(model: torch.nn.Module) -> List[str]:
+    """Module paths of the heads whose ``'dataset'`` scale equalizers are uncalibrated and may not run so."""
+    from kim_plugins.layers.scale_equalizer import ScaleEqualizer
+
+    owners = []
+    for name, m in model.named_modules():
+        if isinstance(m, ScaleEqualizer) and m.mode == "dataset" and not m.is_calibrated and not m.allow_uncalibrated:
+            owner = name.split(".scale_equalizers.")[0]
+            if owner not in owners:
+                owners.append(owner)
+    return owners
+
+
 def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: Optional[Dict] = None,
-                   device: str = "cpu") -> Tuple[torch.nn.Module, Any]:
+                   device: str = "cpu", trust: bool = False) -> Tuple[torch.nn.Module, Any]:
     """Build an mmseg segmentor offline: no pretrained download, SyncBN -> BN.
 
     Without ``checkpoint`` the model gets mmseg's own ``init_weights`` (an
-    untrained initialisation). Returns ``(model, cfg)``.
+    untrained initialisation). ``trust`` (``--trust-checkpoint``) lets an
+    old-style runner checkpoint that safe loading refuses be unpickled.
+    Returns ``(model, cfg)``.
+
+    Raises:
+        SystemExit: Scale equalizers that were never calibrated (an untrained
+            SE head): the message gives ``--checkpoint`` and the command-line
+            spelling of ``allow_uncalibrated``.
     """
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
@@ -70,6 +90,7 @@ def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: O
 
     import kim_plugins.mmseg  # noqa: F401  registrations
     from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn
+    from kim_plugins.mmseg.cli import checkpoint_loading
 
     cfg = Config.fromfile(config) if isinstance(config, str) else config
     if cfg_options:
@@ -81,9 +102,17 @@ def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: O
     from mmseg.registry import MODELS
     model = MODELS.build(cfg.model)
     if checkpoint:
-        load_checkpoint(model, checkpoint, map_location="cpu")
+        with checkpoint_loading(checkpoint, trust):
+            load_checkpoint(model, checkpoint, map_location="cpu")
     else:
         model.init_weights()
+    owners = uncalibrated_equalizer_owners(model)
+    if owners:
+        flags = " ".join(f"model.{o}.allow_uncalibrated=True" for o in owners)
+        weights = f"checkpoint {checkpoint}" if checkpoint else "untrained weights"
+        raise SystemExit(f"{config if isinstance(config, str) else 'the config'}: the scale equalizers of "
+                         f"{', '.join(owners)} were never calibrated ({weights}). Pass --checkpoint with a trained "
+                         f"checkpoint, or measure the ERF with mean 0 / variance 1 equalizers: --cfg-options {flags}")
     model = revert_sync_batchnorm(model).to(device).eval()
     return model, cfg
 
@@ -193,7 +222,8 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
         if json.loads(args.model_kwargs):
             raise SystemExit(f"--model-kwargs applies to timm models; change the config {args.model} with "
                              "--cfg-options key=value")
-        model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
+        model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device,
+                                    trust=args.trust_checkpoint)
         size = size or config_crop_size(cfg)
         if size is None:
             raise SystemExit(f"{args.model}: no crop_size in the config; pass --size H W")
@@ -265,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm model name (e.g. resnet50) or mmseg config file (.py); several: also a side-by-side "
                         "comparison <name or 'compare'>_erf_compare.png on the same images")
     p.add_argument("--checkpoint", help="weights: timm checkpoint_path or mmseg checkpoint (.pth)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="fully unpickle the mmseg --checkpoint if safe loading refuses it (an old-style runner "
+                        "checkpoint you trust, e.g. from your own work_dir); nothing else is unpickled")
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
     p.add_argument("--fixture", help="dataset fixture to use without --images (default: from the config)")
     p.add_argument("--num-images", type=int, default=8, help="images to accumulate (default 8)")

@@ -5,7 +5,8 @@ iSAID or NYU Depth V2 can be downloaded on the project's machines, so the tests 
 who wants to dry-run a config) use these fixtures: a few small images and
 label maps written with each dataset's directory layout, file suffixes and
 label conventions, so that mmseg's own dataset classes and pipelines read them
-unchanged.
+unchanged; ``fashion_scenes`` is the layout of kim_plugins' own
+``FashionScenesDataset``.
 
 Images are smooth random colour fields; labels are a random blob map with
 values drawn from the dataset's label set, so every class of a fixture is
@@ -105,6 +106,10 @@ FIXTURES: Dict[str, FixtureSpec] = {
     # stems carry a scene class as in the real files ("bedroom_0001").
     "nyu": FixtureSpec("nyu", "NYUDataset", "images/{split}", "annotations/{split}", ".jpg", ".png",
                        ("train", "test"), (500, 9500), depth=True),
+    # kim_plugins' own Fashion scenes (kim_plugins.mmseg.datasets.FashionScenesDataset): 0 = background,
+    # 1..10 the Fashion-MNIST classes; the layout of kim_plugins.data.fashion_scenes.
+    "fashion_scenes": FixtureSpec("fashion_scenes", "FashionScenesDataset", "img_dir/{split}", "ann_dir/{split}",
+                                  ".png", ".png", ("train", "val"), _range(11)),
 }
 
 
@@ -161,7 +166,8 @@ def make_dataset_fixture(name: str, root: str, seed: int = 0, num_train: Optiona
 
     Args:
         name: One of :data:`FIXTURES` (``ade20k``, ``cityscapes``, ``voc2012``,
-            ``stare``, ``chase_db1``, ``hrf``, ``isaid``, ``nyu``).
+            ``stare``, ``chase_db1``, ``hrf``, ``isaid``, ``nyu``,
+            ``fashion_scenes``).
         root: Parent folder.
         seed: Seed of the images and labels.
         num_train: Override of the number of training samples.

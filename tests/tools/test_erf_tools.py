@@ -13,10 +13,12 @@ UNET_RA = os.path.join(CONFIGS, "unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128
 
 
 def _tool(name):
+    """Load ``tools/<name>.py`` as a module (the tools folder on the path: atrous_rates imports erf)."""
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
     spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -110,3 +112,17 @@ def test_atrous_rates_search(tmp_path):
     assert s["weights"].startswith("untrained")
     for p in out["paths"].values():
         assert os.path.getsize(p) > 0
+
+
+def test_erf_tool_names_the_command_line_spelling_of_allow_uncalibrated(tmp_path):
+    """An untrained scale-equalizer config: the error gives --checkpoint and the --cfg-options spelling."""
+    smoke = os.path.join(ROOT, "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
+    cfg = tmp_path / "se_smoke.py"
+    cfg.write_text(f"_base_ = [{os.path.abspath(smoke)!r}]\n"
+                   "model = dict(decode_head=dict(_delete_=True, type='SEASPPHead', in_channels=64, in_index=3, "
+                   "channels=8, dilations=(1, 2), num_classes=2, norm_cfg=dict(type='BN'), align_corners=False))\n")
+    args = [str(cfg), "--num-images", "1", "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"--checkpoint.*--cfg-options model\.decode_head\.allow_uncalibrated=True"):
+        _tool("erf").main(args)
+    out = _tool("erf").main(args + ["--cfg-options", "model.decode_head.allow_uncalibrated=True"])
+    assert json.load(open(out["json"]))["num_images"] == 1
