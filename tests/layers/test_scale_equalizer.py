@@ -341,7 +341,8 @@ def _batch_sync_worker(rank, world, init_file, q, sync):
     x = _rank_batch(rank).requires_grad_(True)
     y = se(x)
     (y * _rank_weights(rank)).sum().backward()
-    q.put((rank, y.detach(), x.grad, se.mean.item(), se.var.item()))
+    # numpy arrays travel by value (a tensor would travel as a shared-memory handle the exiting child closes)
+    q.put((rank, y.detach().numpy(), x.grad.numpy(), se.mean.item(), se.var.item()))
     dist.destroy_process_group()
 
 
@@ -390,8 +391,8 @@ def test_batch_mode_statistics_are_synchronised_across_processes(tmp_path, sync)
     sum((y * _rank_weights(r).double()).sum() for r, y in enumerate(ys)).backward()
     for r in range(2):
         y, grad, run_mean, run_var = results[r]
-        assert torch.allclose(y.double(), ys[r].detach(), atol=1e-5), r
-        assert torch.allclose(grad.double(), xs[r].grad, atol=1e-5), r
+        assert torch.allclose(torch.from_numpy(y).double(), ys[r].detach(), atol=1e-5), r
+        assert torch.allclose(torch.from_numpy(grad).double(), xs[r].grad, atol=1e-5), r
         assert run_mean == pytest.approx(stats[r][0], abs=1e-5) and run_var == pytest.approx(stats[r][1], rel=1e-5)
     if sync:
         assert results[0][2] == results[1][2] and results[0][3] == results[1][3]  # identical running estimates

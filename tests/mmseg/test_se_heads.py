@@ -368,29 +368,13 @@ def test_bad_se_arguments():
         build("psp", se_mode="batch", se_sync_batch_stats=1)
 
 
-def test_head_without_upsampled_fusion_has_no_equalizer_and_says_so_once(monkeypatch):
+def test_head_without_upsampled_fusion_has_no_equalizer_and_says_so_once(monkeypatch, current_log_messages):
     """SEFCNHead with FCNHead's default input_transform=None upsamples nothing: it is FCNHead, and logs it once."""
-    import logging
-
-    from mmengine.logging import MMLogger
-
     import kim_plugins.mmseg.se_heads as se_heads
     monkeypatch.setattr(se_heads, "_LOGGED", set())
-    logger = MMLogger.get_instance("test_se_heads_no_upsampling")
-    records = []
-
-    class Catch(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Catch()
-    logger.addHandler(handler)
-    try:
-        heads = [MODELS.build(dict(type="SEFCNHead", in_channels=8, channels=4, num_classes=19, norm_cfg=BN))
-                 for _ in range(2)]
-    finally:
-        logger.removeHandler(handler)
-    said = [m for m in records if "SEFCNHead" in m and "no scale equalizer" in m]
+    heads = [MODELS.build(dict(type="SEFCNHead", in_channels=8, channels=4, num_classes=19, norm_cfg=BN))
+             for _ in range(2)]
+    said = [m for m in current_log_messages if "SEFCNHead" in m and "no scale equalizer" in m]
     assert len(said) == 1 and "input_transform=None" in said[0] and "FCNHead" in said[0]
     head = heads[0]
     assert len(head.scale_equalizers) == 0 and head.input_transform is None
