@@ -37,3 +37,23 @@ def fixture_root(tmp_path_factory) -> str:
 def dataset_fixture(request, fixture_root):
     """(name, data_root) for each dataset fixture."""
     return request.param, os.path.join(fixture_root, request.param)
+
+
+@pytest.fixture
+def current_log_messages(request):
+    """Messages logged to mmengine's current logger (``print_log(..., logger='current')``) during the test."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(f"test_log_{request.node.name}")  # the newest instance is the current one
+    messages = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Catch()
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)

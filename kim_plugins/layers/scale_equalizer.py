@@ -22,7 +22,11 @@ Statistics modes:
   training and then frozen.
 - ``'batch'`` [decision, option]: BatchNorm-like, the statistics of the
   current batch in training (gradients flow through them) and running
-  estimates (``momentum``) in eval.
+  estimates (``momentum``) in eval. The statistics are computed in float32
+  (float64 for float64 input) whatever the input dtype, and, under
+  ``torch.distributed`` with more than one process, over the global batch
+  (count / mean / M2 all-reduced like SyncBN; ``sync_batch_stats=False``
+  keeps them per process).
 
 In eval an equalizer is a constant affine map; :func:`fold_scale_equalizers`
 folds it into the convolution that consumes it (:func:`fold_input_affine`),
@@ -125,14 +129,23 @@ class ScaleEqualizer(nn.Module):
         allow_uncalibrated: Let an uncalibrated ``'dataset'`` equalizer run in
             eval with its initial statistics (mean 0, variance 1), e.g. for
             FLOP counts. Training uncalibrated is always an error.
+        sync_batch_stats: ``'batch'`` mode under ``torch.distributed`` with
+            more than one process: standardise with the statistics of the
+            global batch (default; count, mean and M2 of every process are
+            all-reduced and merged with Chan's formula, differentiably, like
+            SyncBN). False: each process uses its own batch.
 
     Buffers (in the state dict): ``mean``, ``var`` (float32 scalars; the
     calibrated statistics in ``'dataset'`` mode, the running estimates in
-    ``'batch'`` mode) and ``calibrated`` (bool).
+    ``'batch'`` mode) and ``calibrated`` (bool). ``'batch'`` statistics are
+    computed in float32 (or float64) whatever the input dtype, so an fp16 /
+    bf16 input whose variance exceeds its dtype's range is standardised
+    correctly; a batch whose statistics are not finite (an input that already
+    holds inf / NaN) leaves the running estimates unchanged.
     """
 
     def __init__(self, mode: str = "dataset", eps: float = 1e-5, momentum: float = 0.1,
-                 allow_uncalibrated: bool = False) -> None:
+                 allow_uncalibrated: bool = False, sync_batch_stats: bool = True) -> None:
         super().__init__()
         if mode not in SE_MODES:
             raise ValueError(f"ScaleEqualizer mode={mode!r} is not one of {SE_MODES}: use 'dataset' "
@@ -142,7 +155,11 @@ class ScaleEqualizer(nn.Module):
                              f"the output finite for a zero-variance input")
         if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
             raise ValueError(f"ScaleEqualizer momentum={momentum!r} must be in (0, 1] (default 0.1)")
+        if not isinstance(sync_batch_stats, bool):
+            raise TypeError(f"ScaleEqualizer sync_batch_stats={sync_batch_stats!r} must be a bool (default True: "
+                            f"global batch statistics across processes)")
         self.mode = mode
+        self.sync_batch_stats = sync_batch_stats
         self.eps = float(eps)
         self.momentum = float(momentum)
         self.allow_uncalibrated = bool(allow_uncalibrated)
@@ -156,7 +173,8 @@ class ScaleEqualizer(nn.Module):
         self._probe_out: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, eps={self.eps}, momentum={self.momentum}"
+        sync = f", sync_batch_stats={self.sync_batch_stats}" if self.mode == "batch" else ""
+        return f"mode={self.mode!r}, eps={self.eps}, momentum={self.momentum}{sync}"
 
     @property
     def is_calibrated(self) -> bool:
@@ -193,6 +211,19 @@ class ScaleEqualizer(nn.Module):
         else:
             self._acc = merge_moments((n, mean.to(mean_b.device), m2.to(mean_b.device)), (x.numel(), mean_b, m2_b))
 
+    def _batch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``'batch'`` mode in training: (global) batch statistics in float32+, running estimates updated."""
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(xf, dim=None, correction=0)
+        if self.sync_batch_stats and _world_size() > 1:
+            mean, var = _global_moments(xf.numel(), mean, var)
+        with torch.no_grad():
+            finite = torch.isfinite(mean) & torch.isfinite(var)
+            for buf, new in ((self.mean, mean), (self.var, var)):
+                updated = torch.lerp(buf, new.detach().to(buf.dtype), self.momentum)
+                buf.copy_(torch.where(finite, updated, buf))  # no host sync; a non-finite batch is skipped
+        return ((xf - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None:
             if self._calib == "probe":
@@ -204,11 +235,7 @@ class ScaleEqualizer(nn.Module):
                 self._accumulate(x)
             return x
         if self.mode == "batch" and self.training:
-            var, mean = torch.var_mean(x, dim=None, correction=0)
-            with torch.no_grad():
-                self.mean.lerp_(mean.detach().to(self.mean.dtype), self.momentum)
-                self.var.lerp_(var.detach().to(self.var.dtype), self.momentum)
-            return (x - mean) * torch.rsqrt(var + self.eps)
+            return self._batch_forward(x)
         if self.mode == "dataset" and not bool(self.calibrated):
             if self.training:
                 raise RuntimeError(f"ScaleEqualizer(mode='dataset') is not calibrated and cannot train: {_HOOK_HINT}. "
@@ -220,6 +247,36 @@ class ScaleEqualizer(nn.Module):
         scale = torch.rsqrt(self.var + self.eps)
         shift = -self.mean * scale
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_moments(count: int, mean: torch.Tensor, var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of the union of every process's batch, differentiable (like SyncBN).
+
+    Each process contributes its row ``(count, mean, M2)`` to a ``(world, 3)``
+    table that one all-reduce (sum) fills on every process; the rows are
+    merged with Chan's parallel formula. The all-reduce is autograd-aware
+    (:func:`torch.distributed.nn.functional.all_reduce`), so the gradient of
+    every process's loss reaches every process's input through the shared
+    statistics, as SyncBN's does.
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    n = torch.full((), float(count), dtype=mean.dtype, device=mean.device)
+    row = torch.stack([n, mean, var * n])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    zeros = row.new_zeros(3)
+    table = all_reduce(torch.stack([row if r == rank else zeros for r in range(world)]))
+    counts, means, m2s = table.unbind(1)
+    total = counts.sum()
+    global_mean = (counts * means).sum() / total
+    m2 = (m2s + counts * (means - global_mean).square()).sum()
+    return global_mean, m2 / total
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from kim_plugins.layers.atrous import (measure_output_stride, normalize_crop_siz
                                        resolve_dilations)
 
 __all__ = [
+    "DilationsTypeError",
     "ResolutionAwareDilationsMixin",
     "RAASPPHead",
     "RADepthwiseSeparableASPPHead",
@@ -56,6 +57,16 @@ __all__ = [
 ]
 
 _INFER = "infer"
+
+
+class DilationsTypeError(ValueError, AssertionError):
+    """``dilations`` is neither ``'auto'`` nor a list/tuple.
+
+    A ``ValueError`` like every bad argument of kim_plugins, and the
+    ``AssertionError`` that mmseg's ``ASPPHead`` raises for the same input, so
+    the resolution-aware and scale-equalized heads reject it as their parent
+    does (drop-in).
+    """
 
 
 class ResolutionAwareDilationsMixin:
@@ -99,6 +110,9 @@ class ResolutionAwareDilationsMixin:
                 f"backbone + neck) or resolve the config first with "
                 f"kim_plugins.mmseg.ra_aspp_heads.resolve_auto_dilations(cfg); or pass the int stride.")
         auto = isinstance(dilations, str) and dilations == "auto"
+        if not auto and not isinstance(dilations, (list, tuple)):
+            raise DilationsTypeError(f"{name}: dilations must be 'auto' or a list/tuple of positive ints, got "
+                                     f"{dilations!r} (e.g. dilations=(1, 12, 24, 36))")
         try:
             rates = resolve_dilations(dilations, crop_size=crop_size, output_stride=output_stride,
                                       num_rates=num_rates, kappa=kappa)

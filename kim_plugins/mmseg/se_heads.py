@@ -6,10 +6,11 @@ and its folding are in :mod:`kim_plugins.layers.scale_equalizer`; this module
 only places equalizers in mmseg's heads.
 
 Registered names (``mmseg.registry.MODELS``), each taking every argument of
-its mmseg parent plus the SE options of :class:`ScaleEqualizedHeadMixin`:
+its mmseg parent (and rejecting what the parent rejects, with the parent's
+exception type) plus the SE options of :class:`ScaleEqualizedHeadMixin`:
 
 =================================  ==============================  ==========================================
-name                               parent                          a scale equalizer after ...
+name                               parent                          upsampled operands: an equalizer after ...
 =================================  ==============================  ==========================================
 ``SEPSPHead``                      ``PSPHead``                     each PPM branch's resize (``ppm_i``)
 ``SEUPerHead``                     ``UPerHead``                    each PPM branch's resize (``ppm_i``); the
@@ -22,14 +23,22 @@ name                               parent                          a scale equal
                                                                    resize to the c1 size (``aspp_to_c1``,
                                                                    only when ``c1_in_channels > 0``)
 ``SEFCNHead``                      ``FCNHead``                     each of inputs[1:] resized in
-                                                                   ``_transform_inputs`` (``input_i``;
-                                                                   needs ``input_transform='resize_concat'``)
+                                                                   ``_transform_inputs`` (``input_i``; only
+                                                                   with ``input_transform='resize_concat'``)
 =================================  ==============================  ==========================================
 
-With ``equalize_all_branches=True`` [decision] the non-upsampled inputs of the
-same fusions get their own equalizers too: ``ppm_input`` (PSP/UPer), the
-lateral ``lateral_i`` of each top-down add and ``fpn_0`` (UPer), every ASPP
-branch ``aspp_i`` and ``c1`` (ASPP heads), ``input_0`` (FCN).
+Which operands [decision, METHODS.md §1 "Which operands"]: the paper promises
+scale *equilibrium* across the fused features, so by default
+(``equalize_all_branches=True``) every operand of each fusion that a bilinear
+upsampling feeds is equalized: besides the upsampled ones above, ``ppm_input``
+(PSP/UPer), the lateral ``lateral_i`` of each top-down add and ``fpn_0``
+(UPer), every ASPP branch ``aspp_i`` and ``c1`` (ASPP heads), ``input_0``
+(FCN). ``equalize_all_branches=False`` is the alternative, literal reading of
+"after every bilinear upsampling": only the upsampled operands, which leaves
+the others at the scale the network gives them. A head in which no bilinear
+upsampling feeds a fusion (e.g. ``SEFCNHead`` with the default
+``input_transform=None``) has no equalizer, computes exactly its parent, and
+says so once in the log.
 
 One mechanism serves all five heads: the mixin wraps the parent's
 ``forward`` in a thread-local ``TorchFunctionMode`` that applies the k-th
@@ -53,6 +62,7 @@ Config example (``custom_imports=dict(imports=['kim_plugins.mmseg'])``)::
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -61,6 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
+from mmengine.logging import print_log
 from mmseg.models.decode_heads import (ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead,
                                        UPerHead)
 from mmseg.registry import MODELS
@@ -205,12 +216,17 @@ class ScaleEqualizedHeadMixin:
             add ``ScaleEqualizerCalibrationHook``), ``'batch'`` [decision,
             option; BatchNorm-like], or ``None`` (no equalizers: exactly the
             parent head).
-        equalize_all_branches: Also equalize the non-upsampled operands of
-            the same fusions [decision, default False].
+        equalize_all_branches: Equalize every operand of each fusion that a
+            bilinear upsampling feeds (default True [decision]: scale
+            equilibrium across the fusion); False equalizes the upsampled
+            operands only (the literal placement, the alternative reading).
         se_eps: Equalizer eps inside the square root.
         se_momentum: Running-estimate momentum of ``'batch'`` mode.
         allow_uncalibrated: Let uncalibrated ``'dataset'`` equalizers run in
             eval (mean 0, variance 1), for benchmarks and FLOP counts.
+        se_sync_batch_stats: ``'batch'`` mode under ``torch.distributed``:
+            statistics of the global batch (default True, like SyncBN);
+            False keeps them per process.
 
     Attributes:
         scale_equalizers: ``nn.ModuleDict`` site name -> equalizer (state-dict
@@ -223,9 +239,9 @@ class ScaleEqualizedHeadMixin:
     #: observe the equalizers' upsampled inputs/outputs with hooks.
     se_apply_before_resize = True
 
-    def __init__(self, *args: Any, se_mode: Optional[str] = "dataset", equalize_all_branches: bool = False,
+    def __init__(self, *args: Any, se_mode: Optional[str] = "dataset", equalize_all_branches: bool = True,
                  se_eps: float = 1e-5, se_momentum: float = 0.1, allow_uncalibrated: bool = False,
-                 **kwargs: Any) -> None:
+                 se_sync_batch_stats: bool = True, **kwargs: Any) -> None:
         name = type(self).__name__
         if se_mode is not None and se_mode not in SE_MODES:
             raise ValueError(f"{name}: se_mode={se_mode!r} is not one of {SE_MODES + (None,)}: 'dataset' "
@@ -233,12 +249,18 @@ class ScaleEqualizedHeadMixin:
                              f"'batch' (BatchNorm-like) or None (no equalizers)")
         if not isinstance(equalize_all_branches, bool):
             raise TypeError(f"{name}: equalize_all_branches must be a bool, got {equalize_all_branches!r}")
+        if not isinstance(se_sync_batch_stats, bool):
+            raise TypeError(f"{name}: se_sync_batch_stats must be a bool, got {se_sync_batch_stats!r}")
         super().__init__(*args, **kwargs)
         self.se_mode = se_mode
         self.equalize_all_branches = equalize_all_branches
         self.allow_uncalibrated = allow_uncalibrated
         resize_sites = self._se_resize_sites()
-        fusion_sites = self._se_fusion_sites() if equalize_all_branches else []
+        upsampled = any(s is not None for s in resize_sites)
+        fusion_sites = self._se_fusion_sites() if equalize_all_branches and upsampled else []
+        if se_mode is not None and not upsampled:
+            _log_once(f"{name}: no bilinear upsampling feeds a fusion ({self._se_no_upsampling_reason()}), so the "
+                      f"head has no scale equalizer and computes exactly {self._se_parent_name()}")
         self.scale_equalizers = nn.ModuleDict()
         if se_mode is None:
             self._se_resize_plan: List[Optional[str]] = [None] * len(resize_sites)
@@ -248,7 +270,8 @@ class ScaleEqualizedHeadMixin:
             self._se_fusion_plan = list(fusion_sites)
             for site in [s for s in resize_sites if s is not None] + list(fusion_sites):
                 self.scale_equalizers[site] = ScaleEqualizer(se_mode, eps=se_eps, momentum=se_momentum,
-                                                             allow_uncalibrated=allow_uncalibrated)
+                                                             allow_uncalibrated=allow_uncalibrated,
+                                                             sync_batch_stats=se_sync_batch_stats)
         self._se_folded = False
 
     # ---- declared by each head --------------------------------------------------------------------------
@@ -267,6 +290,10 @@ class ScaleEqualizedHeadMixin:
     def _se_fold_special(self) -> List[str]:
         """Sites folded by a head-specific rule (UPer's top-down path); default none."""
         return []
+
+    def _se_no_upsampling_reason(self) -> str:
+        """Why this head's configuration upsamples nothing into a fusion (for the log)."""
+        return "this configuration fuses no upsampled operand"
 
     def _se_parent_name(self) -> str:
         for cls in type(self).__mro__[1:]:
@@ -324,6 +351,8 @@ class ScaleEqualizedHeadMixin:
         """
         self.eval()
         ses = {k: m for k, m in self.scale_equalizers.items() if isinstance(m, ScaleEqualizer)}
+        if not ses:  # nothing to fold (e.g. SEFCNHead without resize_concat): the head stays trainable
+            return []
         bad = [k for k, m in ses.items() if m.mode == "dataset" and not bool(m.calibrated)
                and not m.allow_uncalibrated]
         if bad:
@@ -360,6 +389,16 @@ class ScaleEqualizedHeadMixin:
                           f"(not a plain nn.Conv2d) still run at inference", stacklevel=2)
         self._se_folded = True
         return sorted(folded)
+
+
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    """Log ``message`` to the current mmengine logger, once per process."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        print_log(message, logger="current", level=logging.INFO)
 
 
 def _segments(sites: Sequence[str], widths: Sequence[int], start: int = 0) -> List[Tuple[str, int, int]]:
@@ -548,32 +587,31 @@ class SEDepthwiseSeparableASPPHead(ScaleEqualizedHeadMixin, ResolutionAwareDilat
 
 @MODELS.register_module()
 class SEFCNHead(ScaleEqualizedHeadMixin, FCNHead):
-    """FCN head with scale equalizers after the upsampling of ``input_transform='resize_concat'``.
+    """FCN head with scale equalizers on the fusion of ``input_transform='resize_concat'``.
 
     Scale Equalization for Multi-Level Feature Fusion (arXiv 2402.01149) on
     FCN (arXiv 1411.4038) as used with HRNet. Same arguments as
     :class:`mmseg.models.decode_heads.FCNHead` plus the SE options of
-    :class:`ScaleEqualizedHeadMixin`. ``BaseDecodeHead._transform_inputs``
-    resizes every selected level to the first one's size, inputs[0] included
-    (a same-size no-op); the upsampled ones, inputs[1:], are equalized
-    (``input_i``); with ``equalize_all_branches`` also ``input_0``.
-
-    Raises:
-        ValueError: ``input_transform`` is not ``'resize_concat'`` (no
-            upsampling to equalize: use ``FCNHead``).
+    :class:`ScaleEqualizedHeadMixin`. With ``input_transform='resize_concat'``
+    ``BaseDecodeHead._transform_inputs`` resizes every selected level to the
+    first one's size, inputs[0] included (a same-size no-op), and concatenates
+    them: the upsampled ones, inputs[1:], are equalized (``input_i``), and by
+    default (``equalize_all_branches``) also ``input_0``. Any other
+    ``input_transform`` (FCNHead's default ``None``) upsamples nothing: the
+    head then has no equalizer and computes exactly ``FCNHead``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("input_transform") != "resize_concat":
-            raise ValueError(f"SEFCNHead equalizes the upsampled inputs of input_transform='resize_concat' "
-                             f"(HRNet); got input_transform={kwargs.get('input_transform')!r}, which upsamples "
-                             f"nothing: use FCNHead, or set input_transform='resize_concat' with lists in_channels "
-                             f"and in_index")
-        level_channels = tuple(kwargs.get("in_channels") or ())
+        channels = kwargs.get("in_channels")
         super().__init__(*args, **kwargs)
-        self.se_level_channels = level_channels
+        self.se_level_channels = tuple(channels) if isinstance(channels, (list, tuple)) else ()
+
+    def _se_no_upsampling_reason(self) -> str:
+        return f"input_transform={self.input_transform!r}; only 'resize_concat' upsamples"
 
     def _se_resize_sites(self) -> List[Optional[str]]:
+        if self.input_transform != "resize_concat":
+            return []
         return [None] + [f"input_{i}" for i in range(1, len(self.in_index))]
 
     def _se_fusion_sites(self) -> List[str]:

@@ -177,27 +177,28 @@ def _se_section(prs: List[PairResult]) -> List[str]:
                              "end"]))
         lines.append("")
         fusions = list(dict.fromkeys(r["fusion"] for r in bt))
-        allb = var[se].get("all_branches_start")
+        alt = var[se].get("upsampled_only_start")
         spread_rows = []
         for k, fusion in enumerate(fusions):
             def sp(table, key):
                 return _spread([r for r in table if r["fusion"] == fusion], key)
             row = dict(fusion=fusion, b0=f"{sp(bt, 'var_start'):.2f}", b1=f"{sp(bt, 'var_end'):.2f}",
                        s0=f"{sp(st, 'var_start'):.2f}", s1=f"{sp(st, 'var_end'):.2f}")
-            if allb is not None and k < len(allb["fusions"]):
-                row["a0"] = f"{_spread(allb['fusions'][k]['operands']):.2f}"
+            if alt is not None and k < len(alt["fusions"]):
+                row["a0"] = f"{_spread(alt['fusions'][k]['operands']):.2f}"
             spread_rows.append(row)
-        cols = ["fusion", "b0", "b1", "s0", "s1"] + (["a0"] if allb is not None else [])
+        cols = ["fusion", "b0", "b1", "s0", "s1"] + (["a0"] if alt is not None else [])
         heads = ["fusion", f"{base} start", "end", f"{se} start", "end"] + (
-            [f"{se}, `equalize_all_branches=True`, start"] if allb is not None else [])
+            [f"{se}, upsampled operands only (`equalize_all_branches=False`), start"] if alt is not None else [])
         lines += ["Spread of the operand variances in each fusion (max / min; 1 = scale equilibrium):", "",
                   _table(spread_rows, cols, heads), "",
-                  f"The paper's equalizers sit after the upsamplings only (`equalize_all_branches=False`, the "
-                  f"default): each upsampled branch is standardised with dataset-wide statistics (variance 1 on the "
-                  f"calibration data), while the branches that are not upsampled keep the scale the network gives "
-                  f"them — the {se} spread is that scale against 1. The last column rebuilds the same initial "
-                  f"weights with the option `equalize_all_branches=True` [decision], calibrated on training scenes, "
-                  f"so that every operand of every fusion is standardised.", ""]
+                  f"By default (`equalize_all_branches=True` [decision], for the paper's promised scale equilibrium) "
+                  f"every operand of each fusion that an upsampling feeds is standardised with dataset-wide "
+                  f"statistics (variance 1 on the calibration data). The last column rebuilds the same initial "
+                  f"weights with the alternative, literal placement — equalizers after the upsamplings only "
+                  f"(`equalize_all_branches=False`), calibrated on training scenes: the branches that are not "
+                  f"upsampled then keep the scale the network gives them, and the spread is that scale against 1.",
+                  ""]
     lines.append("![per-branch variance](se_variance.png)")
     return lines
 
@@ -356,14 +357,14 @@ def plot_se_variance(prs: List[PairResult], path: str) -> None:
     for row, pr in zip(axes, prs):
         (base, bvar), (se, svar) = list(pr.mechanism["variance"].items())
         bt, st = bvar["table"], svar["table"]
-        allb = svar.get("all_branches_start")
-        allb_vars = [o["var"] for f in allb["fusions"] for o in f["operands"]] if allb else None
+        alt = svar.get("upsampled_only_start")
+        alt_vars = [o["var"] for f in alt["fusions"] for o in f["operands"]] if alt else None
         labels = [f"{t['fusion'].split(':')[0]}: {t['site'] or t['operand']}" for t in st]
         for ax, when in zip(row, ("start", "end")):
             series = [(base, [b[f"var_{when}"] for b in bt], "#888888"),
                       (se, [t[f"var_{when}"] for t in st], "#3b75af")]
-            if when == "start" and allb_vars is not None and len(allb_vars) == len(st):
-                series.append((f"{se} all branches", allb_vars, "#55a868"))
+            if when == "start" and alt_vars is not None and len(alt_vars) == len(st):
+                series.append((f"{se} upsampled operands only", alt_vars, "#55a868"))
             w = 0.8 / len(series)
             for j, (name, vals, color) in enumerate(series):
                 ax.bar([x + (j - (len(series) - 1) / 2) * w for x in range(len(st))], vals, w, label=name,

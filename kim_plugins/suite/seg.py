@@ -469,12 +469,14 @@ def _fusion_table(head_name: str, start: Dict, end: Dict) -> List[Dict[str, Any]
     return rows
 
 
-def all_branches_variant(se_model: nn.Module, model_cfg: Dict[str, Any], calib_batches: List[Any],
-                         images: torch.Tensor) -> Dict[str, Any]:
-    """The SE head rebuilt with ``equalize_all_branches=True`` on the same weights, calibrated, measured.
+def upsampled_only_variant(se_model: nn.Module, model_cfg: Dict[str, Any], calib_batches: List[Any],
+                           images: torch.Tensor) -> Dict[str, Any]:
+    """The SE head rebuilt with ``equalize_all_branches=False`` on the same weights, calibrated, measured.
 
-    The extra equalizers (on the non-upsampled operands) hold no parameters,
-    so the SE model's state dict loads unchanged; all equalizers are
+    The alternative placement: equalizers after the upsamplings only (the
+    literal reading), where the default equalizes every operand of each
+    fusion. Equalizers hold no parameters, so the SE model's state dict loads
+    (without the dropped equalizers' statistics); the remaining equalizers are
     calibrated with :func:`~kim_plugins.layers.scale_equalizer.calibrate_scale_equalizers`
     on ``calib_batches`` (training scenes) as the calibration hook would.
     """
@@ -484,11 +486,12 @@ def all_branches_variant(se_model: nn.Module, model_cfg: Dict[str, Any], calib_b
     from kim_plugins.mmseg.se_hook import mmseg_calibration_forward
 
     cfg = copy.deepcopy(model_cfg)
-    cfg["decode_head"]["equalize_all_branches"] = True
+    cfg["decode_head"]["equalize_all_branches"] = False
     model = MODELS.build(cfg).to(next(se_model.parameters()).device)
     missing, unexpected = model.load_state_dict(se_model.state_dict(), strict=False)
-    if unexpected or any(".scale_equalizers." not in k for k in missing):
-        raise RuntimeError(f"equalize_all_branches=True changed parameters: missing {missing}, unexpected {unexpected}")
+    if any(".scale_equalizers." not in k for k in missing + unexpected):
+        raise RuntimeError(f"equalize_all_branches=False changed parameters: missing {missing}, "
+                           f"unexpected {unexpected}")
     calibrate_scale_equalizers(model, calib_batches, forward_fn=mmseg_calibration_forward)
     return measure_fusion_variances(model, images)
 
@@ -585,8 +588,8 @@ def run_seg_pair(pair: str, settings, data, out_dir: str, device: str,
                 measured = {w: measure_fusion_variances(m, imgs) for w, m in probes.items()}
                 variances[name] = dict(table=_fusion_table(name, measured["start"], measured["end"]),
                                        equalizers={w: measured[w]["equalizers"] for w in measured})
-                if "cfg" in run:  # the option equalize_all_branches=True, same initial weights, calibrated
-                    variances[name]["all_branches_start"] = all_branches_variant(
+                if "cfg" in run:  # the option equalize_all_branches=False, same initial weights, calibrated
+                    variances[name]["upsampled_only_start"] = upsampled_only_variant(
                         run["init_model"], run["cfg"], run["calib_batches"], imgs)
             if is_rates:
                 erfs[name] = {}

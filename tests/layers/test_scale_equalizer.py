@@ -245,6 +245,40 @@ def test_batch_mode_standardises_per_batch_and_eval_uses_running_estimates():
     assert se.is_calibrated and calibrate_scale_equalizers(se, [x.detach()]) == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_mode_statistics_are_float32_whatever_the_input_dtype(dtype):
+    # std 300: the variance 9e4 overflows float16 (max 65504); statistics taken in the input dtype gave inf,
+    # rsqrt(inf) = 0 and a silently zeroed branch.
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(2, 8, 16, 16, generator=g) * 300 + 50
+    x = x32.to(dtype).requires_grad_(True)
+    se = ScaleEqualizer("batch", momentum=0.5)
+    y = se.train()(x)
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+    ref = (x.detach().float() - x.detach().float().mean()) / x.detach().float().var(unbiased=False).add(EPS).sqrt()
+    # only the output's rounding to the input dtype (half an ulp: finfo.eps / 2 relative) differs
+    assert torch.allclose(y.float(), ref, rtol=torch.finfo(dtype).eps, atol=1e-6)
+    assert abs(y.float().var(unbiased=False).item() - 1) < 0.01
+    v = x.detach().float().var(unbiased=False).item()
+    assert se.var.dtype == torch.float32 and se.var.item() == pytest.approx(0.5 + 0.5 * v, rel=1e-5)
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
+def test_batch_mode_running_estimates_skip_a_non_finite_batch():
+    se = ScaleEqualizer("batch", momentum=0.5).train()
+    se(torch.randn(2, 3, 4, 4) * 2)
+    mean, var = se.mean.clone(), se.var.clone()
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(2, 3, 4, 4)
+        x[0, 0, 0, 0] = bad
+        se(x)
+        assert torch.equal(se.mean, mean) and torch.equal(se.var, var)
+    se.eval()
+    assert torch.isfinite(se(torch.randn(1, 3, 4, 4))).all()
+
+
 def test_dataset_mode_gradient_is_the_constant_scale():
     se = ScaleEqualizer()
     calibrate_scale_equalizers(se, [torch.randn(4, 3, 5, 5) * 2])
@@ -297,6 +331,71 @@ def test_calibration_merges_statistics_across_processes(tmp_path):
     for rank in range(2):
         assert results[rank][0] == pytest.approx(ref.mean().item(), abs=1e-12)
         assert results[rank][1] == pytest.approx(ref.var(unbiased=False).item(), rel=1e-12)
+
+
+def _batch_sync_worker(rank, world, init_file, q, sync):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    se = ScaleEqualizer("batch", momentum=1.0, sync_batch_stats=sync).train()
+    x = _rank_batch(rank).requires_grad_(True)
+    y = se(x)
+    (y * _rank_weights(rank)).sum().backward()
+    # numpy arrays travel by value (a tensor would travel as a shared-memory handle the exiting child closes)
+    q.put((rank, y.detach().numpy(), x.grad.numpy(), se.mean.item(), se.var.item()))
+    dist.destroy_process_group()
+
+
+def _rank_batch(rank):  # different sizes, means and scales per process
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(rank + 1, 3, 4, 5, generator=g) * (rank + 1) + 2 * rank
+
+
+def _rank_weights(rank):
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(rank + 1, 3, 4, 5, generator=g)
+
+
+def _run_two_processes(tmp_path, target, *args):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "init"), q) + args) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        item = q.get(timeout=120)
+        results[item[0]] = item[1:]
+    for p in procs:
+        p.join(60)
+    return results
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_batch_mode_statistics_are_synchronised_across_processes(tmp_path, sync):
+    """2 gloo processes == one process holding both batches (sync, values and gradients); else per process."""
+    results = _run_two_processes(tmp_path, _batch_sync_worker, sync)
+    xs = [_rank_batch(r).double().requires_grad_(True) for r in range(2)]
+    if sync:  # the reference: one equalizer over the union of both batches, loss = sum of both ranks' losses
+        union = torch.cat([x.flatten() for x in xs])
+        var, mean = torch.var_mean(union, correction=0)
+        ys = [(x - mean) / (var + EPS).sqrt() for x in xs]
+        stats = [(mean.item(), var.item())] * 2
+    else:
+        ys, stats = [], []
+        for x in xs:
+            var, mean = torch.var_mean(x, correction=0)
+            ys.append((x - mean) / (var + EPS).sqrt())
+            stats.append((mean.item(), var.item()))
+    sum((y * _rank_weights(r).double()).sum() for r, y in enumerate(ys)).backward()
+    for r in range(2):
+        y, grad, run_mean, run_var = results[r]
+        assert torch.allclose(torch.from_numpy(y).double(), ys[r].detach(), atol=1e-5), r
+        assert torch.allclose(torch.from_numpy(grad).double(), xs[r].grad, atol=1e-5), r
+        assert run_mean == pytest.approx(stats[r][0], abs=1e-5) and run_var == pytest.approx(stats[r][1], rel=1e-5)
+    if sync:
+        assert results[0][2] == results[1][2] and results[0][3] == results[1][3]  # identical running estimates
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from mmcv.cnn import ConvModule  # noqa: E402
 from mmseg.models.decode_heads import (ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead,  # noqa: E402
                                        UPerHead)
 from mmseg.registry import MODELS  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import kim_plugins.mmseg  # noqa: E402,F401  registrations
 from kim_plugins.layers.atrous import resolve_dilations  # noqa: E402
@@ -57,7 +58,8 @@ CASES = {
 }
 FIVE = ["psp", "uper", "aspp", "sepaspp", "fcn"]
 
-# The table of METHODS.md §1: the equalizers after the upsamplings that feed a fusion ...
+# The table of METHODS.md §1: the equalizers after the upsamplings that feed a fusion (equalize_all_branches=False,
+# the literal placement) ...
 TABLE = {
     "psp": ["ppm_0", "ppm_1", "ppm_2"],
     "uper": ["ppm_0", "ppm_1", "ppm_2", "top_down_3", "top_down_2", "top_down_1", "fpn_3", "fpn_2", "fpn_1"],
@@ -66,7 +68,8 @@ TABLE = {
     "sepaspp_no_c1": ["image_pool"],
     "fcn": ["input_1", "input_2"],
 }
-# ... and with equalize_all_branches=True also the non-upsampled operands of the same fusions.
+# ... and with equalize_all_branches=True (the default: scale equilibrium) also the non-upsampled operands of the
+# same fusions.
 ALL_BRANCHES = {
     "psp": ["ppm_input"],
     "uper": ["ppm_input", "lateral_2", "lateral_1", "lateral_0", "fpn_0"],
@@ -243,6 +246,83 @@ def test_calibrated_head_equalizers_output_mean_zero_variance_v_over_v_plus_eps(
         assert abs(o.var(unbiased=False).item() - v / (v + EPS)) < 1e-4, name
 
 
+# Every concat / add of two feature maps that each parent's forward makes, in call order, read from mmseg 1.2.2's
+# code: (kind, number of operands, whether a bilinear upsampling feeds it).
+FUSIONS = {
+    "psp": [("cat", 4, True)],                         # PPM: cat([x] + 3 resized pool branches)
+    "uper": [("cat", 4, True)]                         # PPM
+            + [("add", 2, True)] * 3                   # laterals[i-1] + resize(laterals[i]), i = 3, 2, 1
+            + [("cat", 4, True)],                      # cat(fpn_outs[0], resized fpn_outs[1:])
+    "aspp": [("cat", 4, True)],                        # cat(resized image pool, 3 ASPP branches)
+    "sepaspp": [("cat", 4, True), ("cat", 2, True)],   # ASPP; cat(resize(aspp output), c1)
+    "fcn": [("cat", 3, True), ("cat", 2, False)],      # resize_concat; conv_cat's cat([x, convs(x)])
+}
+
+
+class _FusionProbe(TorchFunctionMode):
+    """Records the variance of every operand of every concat / 4-D tensor add (an independent observer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        operands = None
+        if func in (torch.cat, torch.concat, torch.concatenate):
+            operands = list(args[0] if args else kwargs["tensors"])
+            kind = "cat"
+        elif func in (torch.add, torch.Tensor.add, torch.Tensor.__add__) and len(args) >= 2 and all(
+                isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]):
+            operands, kind = list(args[:2]), "add"
+        if operands is not None:
+            self.calls.append((kind, [(t.numel(), t.detach().double().sum().item(),
+                                       t.detach().double().square().sum().item()) for t in operands]))
+        return func(*args, **kwargs)
+
+
+def _fusion_operand_variances(head, batches):
+    """{fusion index: (kind, [population variance of each operand over all batches])}, head in train mode."""
+    head.train()
+    probes = []
+    with torch.no_grad():
+        for b in batches:
+            with _FusionProbe() as probe:
+                head(b)
+            probes.append(probe.calls)
+    assert all(len(p) == len(probes[0]) for p in probes)
+    out = []
+    for k, (kind, ops) in enumerate(probes[0]):
+        variances = []
+        for j in range(len(ops)):
+            n, s1, s2 = (sum(p[k][1][j][i] for p in probes) for i in range(3))
+            variances.append(s2 / n - (s1 / n) ** 2)
+        out.append((kind, variances))
+    return out
+
+
+@pytest.mark.parametrize("se_mode", ["dataset", "batch"])
+@pytest.mark.parametrize("case", FIVE)
+def test_every_operand_of_every_upsampled_fusion_is_at_scale_equilibrium(case, se_mode):
+    """The paper's guarantee, at its level: a fresh SE head (calibrated in train mode for 'dataset') feeds each
+    fusion that a bilinear upsampling feeds with operands of variance 1 (each within 10 %), measured by a probe on
+    the fusion ops themselves. The inputs are backbone-like (ReLU, variance ~3), so no operand is at 1 by chance."""
+    head, _, _ = build(case, se_mode=se_mode)
+    shapes = CASES[case][3]
+    batches = [[F.relu(t) * 3 for t in _inputs(shapes, seed=s)] for s in range(3)]
+    if se_mode == "dataset":
+        calibrate_scale_equalizers(head, batches)
+    fusions = _fusion_operand_variances(head, batches)
+    assert [(kind, len(v)) for kind, v in fusions] == [(kind, n) for kind, n, _ in FUSIONS[case]]
+    for (kind, variances), (_, _, upsampled) in zip(fusions, FUSIONS[case]):
+        if upsampled:
+            assert all(abs(v - 1) < 0.1 for v in variances), (kind, variances)
+    # the same probe on the parent head sees operands off scale: the disequilibrium the equalizers remove
+    _, parent, _ = build(case)
+    parent_fusions = _fusion_operand_variances(parent, batches)
+    assert any(abs(v - 1) >= 0.1 for (_, vs), (_, _, up) in zip(parent_fusions, FUSIONS[case]) if up for v in vs)
+
+
 @pytest.mark.parametrize("equalize_all", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
 def test_folded_logits_match_unfolded(case, equalize_all):
@@ -284,8 +364,30 @@ def test_bad_se_arguments():
         build("psp", se_mode="global")
     with pytest.raises(TypeError, match="equalize_all_branches"):
         build("psp", equalize_all_branches="yes")
-    with pytest.raises(ValueError, match="resize_concat"):
-        MODELS.build(dict(type="SEFCNHead", in_channels=8, channels=4, num_classes=19))
+    with pytest.raises(TypeError, match="se_sync_batch_stats"):
+        build("psp", se_mode="batch", se_sync_batch_stats=1)
+
+
+def test_head_without_upsampled_fusion_has_no_equalizer_and_says_so_once(monkeypatch, current_log_messages):
+    """SEFCNHead with FCNHead's default input_transform=None upsamples nothing: it is FCNHead, and logs it once."""
+    import kim_plugins.mmseg.se_heads as se_heads
+    monkeypatch.setattr(se_heads, "_LOGGED", set())
+    heads = [MODELS.build(dict(type="SEFCNHead", in_channels=8, channels=4, num_classes=19, norm_cfg=BN))
+             for _ in range(2)]
+    said = [m for m in current_log_messages if "SEFCNHead" in m and "no scale equalizer" in m]
+    assert len(said) == 1 and "input_transform=None" in said[0] and "FCNHead" in said[0]
+    head = heads[0]
+    assert len(head.scale_equalizers) == 0 and head.input_transform is None
+    parent = FCNHead(in_channels=8, channels=4, num_classes=19, norm_cfg=BN)
+    parent.load_state_dict(head.state_dict())
+    x = _inputs([(2, 8, 23, 23)])
+    for mode in (True, False):
+        torch.manual_seed(0)
+        a = head.train(mode)(x)
+        torch.manual_seed(0)
+        assert torch.equal(a, parent.train(mode)(x))
+    assert fold_scale_equalizers(head) == {"folded": [], "unfolded": []}
+    assert calibrate_scale_equalizers(head, [x]) == {}
 
 
 def test_uncalibrated_head_errors_name_the_hook():
@@ -317,7 +419,9 @@ def test_aspp_heads_accept_auto_dilations(se_type, extra):
     got = [m.conv.dilation[0] if hasattr(m, "conv") else m.depthwise_conv.conv.dilation[0]
            for m in head.aspp_modules]
     assert tuple(got) == expected
-    assert list(head.scale_equalizers) == (["image_pool", "aspp_to_c1"] if extra else ["image_pool"])
+    branches = [f"aspp_{i}" for i in range(4)]
+    assert list(head.scale_equalizers) == (["image_pool", "aspp_to_c1"] + branches + ["c1"] if extra
+                                           else ["image_pool"] + branches)
     with pytest.raises(ValueError, match="crop_size"):
         MODELS.build(dict(type=se_type, in_channels=8, channels=4, num_classes=19, dilations="auto",
                           output_stride=8, **extra))

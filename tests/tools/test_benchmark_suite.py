@@ -56,7 +56,7 @@ def test_smoke_run_writes_report_csv_and_every_plot(small_fmnist, tmp_path):
     assert "**NO**" not in report  # same data order, same init, SAP eval bit-identical
     assert report.count("same data order and augmentation in every variant (per seed): yes") == 12
     assert "not significant (1 seed: no spread)" in report
-    assert "(without SE " in report and "`equalize_all_branches=True`, start" in report
+    assert "(without SE " in report and "upsampled operands only (`equalize_all_branches=False`), start" in report
     assert "same run as in se-aspp" in report
     for name in PLOTS:
         data = (out / name).read_bytes()
