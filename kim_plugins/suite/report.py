@@ -258,8 +258,9 @@ def _vit_section(pr: PairResult) -> List[str]:
     inv = [(r.variant, r.extra.get("pln_scale_max_abs_logit_change")) for r in pr.runs
            if r.seed == 0 and "pln_scale_max_abs_logit_change" in r.extra]
     if inv:
-        lines += ["", "Scale invariance LN(α·y) = LN(y): largest |logit change| when the patch projection "
-                      "(weight and bias) of the trained model is multiplied by α ∈ {0.25, 4}:", "",
+        lines += ["", "Invariance to the image's scale, model(α·x) = model(x): largest |logit change| of the "
+                      "trained model when its normalised input images are multiplied by α ∈ {0.25, 0.5, 2, 4} "
+                      "(PLN's projection is bias-free, so LN(α·xE) = LN(xE)):", "",
                   _table([dict(v=v, d=f"{d:.3g}") for v, d in inv], ["v", "d"], ["variant", "max |Δ logit|"])]
     gab = pr.mechanism.get("gab", {})
     if gab:
