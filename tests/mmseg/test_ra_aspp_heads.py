@@ -84,7 +84,7 @@ def test_chosen_rates_are_logged():
         RAASPPHead(dilations="auto", crop_size=(512, 1024), output_stride=8, **HEAD)
     finally:
         logger.removeHandler(handler)
-    assert any("RAASPPHead" in m and "(1, 11, 21, 32)" in m and "output_stride=8" in m for m in records)
+    assert any("RAASPPHead" in m and "(1, 10, 21, 31)" in m and "output_stride=8" in m for m in records)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -107,7 +107,7 @@ def test_mixin_is_reusable_by_other_heads():
             self.extra = extra
 
     head = MyHead(extra=3, dilations="auto", crop_size=128, output_stride=1, **HEAD)
-    assert head.extra == 3 and head.dilations == (1, 21, 43, 64) and _aspp_dilations(head) == (1, 21, 43, 64)
+    assert head.extra == 3 and head.dilations == (1, 21, 42, 63) and _aspp_dilations(head) == (1, 21, 42, 63)
 
 
 def test_set_aspp_dilations_in_place_equals_fresh_head():
