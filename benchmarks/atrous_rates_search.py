@@ -123,11 +123,15 @@ def trained(args: argparse.Namespace) -> None:
           "would give from the longer side; `agree` = |search - rule| <= one ladder step (rule r_max / 3). "
           "The 128x256 rows feed two validation scenes side by side to the 128x128-trained models.", "",
           table, ""]
-    with open(args.out + "_trained.md", "w") as f:
-        f.write("\n".join(md))
-    with open(args.out + "_trained.json", "w") as f:
-        json.dump(dict(rows=rows, sweeps=sweeps), f, indent=2)
+    _write(args.out + "_trained", md, dict(rows=rows, sweeps=sweeps))
     print(table)
+
+
+def _write(stem: str, md: List[str], data: Dict[str, Any]) -> None:
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(md))
+    with open(stem + ".json", "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def main() -> None:
@@ -188,10 +192,7 @@ def main() -> None:
           "size, scaled back by the rule's scale invariance). Per-config sweeps (tables, plots): "
           "`atrous_rates_search_sweeps/`.", "",
           table, ""]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(md))
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(rows=rows, sweeps=sweeps), f, indent=2)
+    _write(args.out, md, dict(rows=rows, sweeps=sweeps))
     print(table)
 
 

@@ -261,25 +261,23 @@ def resolve_target(model: nn.Module, target: Union[str, TargetFn] = "auto") -> T
         if not (_is_segmentor(model) or _is_vit(model)):
             return feature_map_target(model)
         target = "decoder" if _is_segmentor(model) else "tokens"
-    if target == "tokens":
-        if not _is_vit(model):
-            raise ValueError(f"target='tokens' needs a timm vision transformer (patch_embed, blocks, "
-                             f"num_prefix_tokens); {type(model).__name__} is not one: use target='features'")
-        return vit_token_target(model)
-    if target == "decoder":
-        if not _is_segmentor(model):
-            raise ValueError(f"target='decoder' needs an mmseg segmentor (decode_head, extract_feat); "
-                             f"{type(model).__name__} is not one: use target='features'")
-        return segmentation_decoder_target(model)
-    if target == "logits":
-        if not _is_segmentor(model):
-            raise ValueError(f"target='logits' needs an mmseg segmentor (decode_head, extract_feat); "
-                             f"{type(model).__name__} is not one: use target='features'")
-        return segmentation_logits_target(model)
     if target == "output":
         return model
-    raise ValueError(f"target must be 'auto', 'features', 'decoder', 'logits', 'tokens', 'output' or a callable, "
-                     f"got {target!r}")
+    if target not in _NAMED_TARGETS:
+        raise ValueError(f"target must be 'auto', 'features', 'decoder', 'logits', 'tokens', 'output' or a "
+                         f"callable, got {target!r}")
+    applies, what, build = _NAMED_TARGETS[target]
+    if not applies(model):
+        raise ValueError(f"target={target!r} needs {what}; {type(model).__name__} is not one: use target='features'")
+    return build(model)
+
+
+#: target name -> (does it apply to the model, what it needs, target builder)
+_NAMED_TARGETS: Dict[str, Tuple[Callable[[nn.Module], bool], str, Callable[[nn.Module], TargetFn]]] = {
+    "tokens": (_is_vit, "a timm vision transformer (patch_embed, blocks, num_prefix_tokens)", vit_token_target),
+    "decoder": (_is_segmentor, "an mmseg segmentor (decode_head, extract_feat)", segmentation_decoder_target),
+    "logits": (_is_segmentor, "an mmseg segmentor (decode_head, extract_feat)", segmentation_logits_target),
+}
 
 
 def _check_positions(positions: Sequence[Position]) -> List[Position]:
