@@ -241,3 +241,15 @@ def test_scale_equalized_aspp_heads_resolve_auto_through_the_same_mixin(head_typ
                              **extra, **HEAD))
     assert isinstance(head, ResolutionAwareDilationsMixin)
     assert head.dilations == resolution_aware_rates((512, 1024), 8) and _aspp_dilations(head) == head.dilations
+
+
+def test_degenerate_explicit_rates_warn_and_kappa_out_of_range_fails():
+    """issue: (1, 12, 24, 36) on a 64-px crop at OS 8 (an 8-px map) and kappa=5 used to build without a word."""
+    from kim_plugins.layers.atrous import DegenerateRateWarning
+
+    with pytest.warns(DegenerateRateWarning, match=r"rates 12, 24, 36 > floor\(\(F - 1\) / 2\) = 3 for the "
+                                                   r"F=8-pixel feature map .*suggests dilations=\(1, 2, 3\)"):
+        head = RAASPPHead(dilations=(1, 12, 24, 36), crop_size=64, output_stride=8, **HEAD)
+    assert head.dilations == (1, 12, 24, 36)  # explicit rates are kept: a warning, not a silent change
+    with pytest.raises(ValueError, match=r"RAASPPHead: kappa must be a number in \(0, 0.5\], got 5"):
+        RAASPPHead(dilations="auto", crop_size=64, output_stride=1, kappa=5, **HEAD)
