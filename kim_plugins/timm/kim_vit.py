@@ -610,7 +610,11 @@ class PreLayerNormPatchEmbed(PatchEmbed):
             raise ValueError("PreLayerNormPatchEmbed needs a norm_layer (the PreLayerNorm after the projection), "
                              "got None: pass embed_norm_layer='layernorm' (the PLN models' default), or use the "
                              "plain timm ViT for a model without it")
-        super().__init__(*args, bias=bool(bias and patch_bias), norm_layer=norm_layer, **kwargs)
+        # Built with the host's bias flag, so the projection's random init draws what the plain ViT's does (same
+        # seed -> every shared parameter starts at the plain model's value); the bias is then removed.
+        super().__init__(*args, bias=bias, norm_layer=norm_layer, **kwargs)
+        if not patch_bias:
+            self.proj.bias = None
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "proj.bias"

@@ -265,6 +265,19 @@ def test_pln_projection_is_bias_free_by_default():
     assert _small("vit_small_patch16_pln_224", pln_patch_bias=True).patch_embed.proj.bias is not None
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch16_pln_224", "vit_small_patch16_gab_pln_224"])
+def test_pln_shares_the_hosts_initial_values(name):
+    """Same seed: every parameter the PLN model shares with its plain host starts at the host's value."""
+    torch.manual_seed(0)
+    host = _small("vit_small_patch16_224").state_dict()
+    torch.manual_seed(0)
+    model = _small(name).state_dict()
+    shared = [k for k in model if k in host]
+    assert len(shared) == len(host) - 1  # all but patch_embed.proj.bias
+    for key in shared:
+        assert torch.equal(model[key], host[key]), key
+
+
 def test_pln_drops_a_checkpoint_projection_bias_by_every_route(tmp_path, caplog):
     """A checkpoint with ``patch_embed.proj.bias`` loads strictly into a bias-free PLN model (bias dropped, logged)."""
     with_bias = _small("vit_small_patch16_pln_224", pln_patch_bias=True)
