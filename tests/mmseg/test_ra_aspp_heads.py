@@ -57,7 +57,7 @@ def test_auto_separable_head_matches_stock_head():
     head = MODELS.build(dict(type="RADepthwiseSeparableASPPHead", dilations="auto", crop_size=(256, 512),
                              output_stride=8, **cfg))
     rates = resolution_aware_rates((256, 512), 8)
-    assert isinstance(head, DepthwiseSeparableASPPHead) and head.dilations == rates == (1, 5, 11, 16)
+    assert isinstance(head, DepthwiseSeparableASPPHead) and head.dilations == rates == (1, 5, 10, 15)
     assert _aspp_dilations(head) == rates
     stock = DepthwiseSeparableASPPHead(dilations=rates, **cfg)
     _same_output(head, stock, [torch.randn(2, 4, 20, 24), torch.randn(2, 8, 10, 12)])
@@ -145,9 +145,9 @@ UNET = dict(type="UNet", in_channels=3, base_channels=4, num_stages=5, strides=(
 
 
 @pytest.mark.parametrize("backbone, in_channels, in_index, crop, stride", [
-    (RESNET_D8, 32, 3, (96, 80), 8),   # ResNet-D8: stride 8
+    (RESNET_D8, 32, 3, (96, 88), 8),   # ResNet-D8: stride 8 (F = 11: the smallest map for 4 rates)
     (UNET, 4, 4, (64, 64), 1),         # UNet-S5-D16 + ASPP reads the full-resolution decoder output: stride 1
-    (UNET, 64, 0, (192, 160), 16),     # the deepest UNet feature: stride 16
+    (UNET, 64, 0, (192, 176), 16),     # the deepest UNet feature: stride 16
 ])
 def test_segmentor_infers_output_stride(backbone, in_channels, in_index, crop, stride):
     model = MODELS.build(_tiny_model_cfg(backbone, in_channels, in_index, crop=crop))
