@@ -81,7 +81,9 @@ class _Segmentor(nn.Module):
         return out.mean() + 0.4 * aux.mean() if self.training else out
 
 
-def _mmseg_pairs(device: torch.device) -> List[Tuple[str, nn.Module, nn.Module]]:
+def _mmseg_pairs(device: torch.device, archs: Tuple[str, ...] = ("pspnet", "deeplabv3"),
+                 backbone: bool = True) -> List[Tuple[str, nn.Module, nn.Module]]:
+    """(name, plain, SAP) mmseg pairs: the R-50-D8 backbone alone (``backbone``) and the segmentors ``archs``."""
     try:
         import kim_plugins.mmseg  # noqa: F401
         from mmengine.config import Config
@@ -93,13 +95,14 @@ def _mmseg_pairs(device: torch.device) -> List[Tuple[str, nn.Module, nn.Module]]
 
     pairs = []
     d8 = dict(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True)
-    torch.manual_seed(0)
-    sap = MODELS.build(dict(type="ResNetV1dSAP", **d8))
-    plain = MODELS.build(dict(type="ResNetV1d", **d8))
-    plain.load_state_dict(sap.state_dict())
-    pairs.append(("mmseg ResNetV1dSAP-50-D8", _Backbone(plain).to(device), _Backbone(sap).to(device)))
+    if backbone:
+        torch.manual_seed(0)
+        sap = MODELS.build(dict(type="ResNetV1dSAP", **d8))
+        plain = MODELS.build(dict(type="ResNetV1d", **d8))
+        plain.load_state_dict(sap.state_dict())
+        pairs.append(("mmseg ResNetV1dSAP-50-D8", _Backbone(plain).to(device), _Backbone(sap).to(device)))
     cfg_dir = os.path.join(os.path.dirname(HERE), "configs", "stochastic_pooling")
-    for arch in ("pspnet", "deeplabv3"):
+    for arch in archs:
         cfgs = []
         for name in (f"{arch}_r50d-d8_4xb2-80k_cityscapes-512x1024.py",
                      f"{arch}-sap_r50d-d8_4xb2-80k_cityscapes-512x1024.py"):

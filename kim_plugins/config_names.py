@@ -25,6 +25,9 @@ METHOD_TAGS = {
     "sap": "stochastic average pooling",
     "gab": "Gaussian attention bias",
     "pln": "PreLayerNorm patch embedding",
+    "nansafe": "NaN-safe depth loss and log-space head",
+    "gammadecay": "L2 on BatchNorm gammas by category",
+    "branchdrop": "dropout placement in residual branches",
 }
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
-__all__ = ["walk_dicts", "sync_bn_to_bn", "offline_weights"]
+__all__ = ["TIMM_BACKBONES", "walk_dicts", "sync_bn_to_bn", "offline_weights"]
+
+#: Backbone types that wrap ``timm.create_model`` (mmseg's, and kim_plugins' lazily pretrained one).
+TIMM_BACKBONES = ("TIMMBackbone", "LazyPretrainedTIMMBackbone")
 
 
 def walk_dicts(node: Any, fn: Callable[[Dict[str, Any]], None]) -> None:
@@ -38,13 +41,14 @@ def offline_weights(model_cfg: Dict[str, Any]) -> None:
     """Build without downloading or reading ImageNet weights (in place).
 
     ``pretrained`` strings -> ``None``; ``init_cfg=dict(type='Pretrained', ...)``
-    -> ``None``; ``TIMMBackbone`` -> ``pretrained=False`` without ``checkpoint_path``.
+    -> ``None``; ``TIMMBackbone`` (and ``LazyPretrainedTIMMBackbone``) -> ``pretrained=False`` without
+    ``checkpoint_path``.
     """
 
     def fix(d: Dict[str, Any]) -> None:
         if "pretrained" in d and isinstance(d.get("pretrained"), str):
             d["pretrained"] = None
-        if d.get("type") == "TIMMBackbone":
+        if d.get("type") in TIMM_BACKBONES:
             d["pretrained"] = False
             d.pop("checkpoint_path", None)
         init = d.get("init_cfg")

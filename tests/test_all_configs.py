@@ -120,7 +120,8 @@ def test_config_builds_model_and_datasets(path, fixture_root, tmp_path):
     model = _build_model(MODELS, cfg.model)
     assert isinstance(model, torch.nn.Module)
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert model.decode_head.num_classes == len(DATASETS.get(ds_type).METAINFO["classes"])
+    depth = cfg.model.type == "DepthEstimator"  # depth heads predict one channel; NYU's classes are scene types
+    assert model.decode_head.num_classes == (1 if depth else len(DATASETS.get(ds_type).METAINFO["classes"]))
 
     for split in ("train", "val", "test"):
         loader = cfg.get(f"{split}_dataloader")
@@ -131,7 +132,8 @@ def test_config_builds_model_and_datasets(path, fixture_root, tmp_path):
         sample = dataset[0]
         assert sample["inputs"].ndim == 3 and sample["inputs"].shape[0] == 3
         if split == "train":  # a training pair is cropped together; val/test keep the label's original size
-            assert sample["data_samples"].gt_sem_seg.data.shape[-2:] == sample["inputs"].shape[-2:]
+            gt = sample["data_samples"].gt_depth_map if depth else sample["data_samples"].gt_sem_seg
+            assert gt.data.shape[-2:] == sample["inputs"].shape[-2:]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_rel)

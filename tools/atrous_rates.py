@@ -107,7 +107,7 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
     from erf import dataset_fixture_name, fixture_files, image_files, load_images, load_segmentor, \
         segmentor_norm
 
-    model, cfg = load_segmentor(args.config, args.checkpoint, args.cfg_options)
+    model, cfg = load_segmentor(args.config, args.checkpoint, args.cfg_options, trust=args.trust_checkpoint)
     rows = config_rates(cfg, args.num_rates, args.kappa)
     info = rows[0]
     if info["head"] != "decode_head":
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
     p.add_argument("--fixture", help="dataset fixture without --images (default: from the config)")
     p.add_argument("--checkpoint", help="mmseg checkpoint (default: untrained)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="fully unpickle --checkpoint if safe loading refuses it (an old-style runner checkpoint "
+                        "you trust, e.g. from your own work_dir); nothing else is unpickled")
     p.add_argument("--out-dir", default="work_dirs/atrous_rates", help="output folder of --search")
     p.add_argument("--name", help="output file stem (default: the config name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

@@ -12,6 +12,9 @@ analysis), with what a plugin-vs-baseline claim needs:
 - random input of ``--shape`` (no dataset needed), or ``--data`` batches from
   the first config's test dataloader (the same images for every config);
 - CPU (pinned ``--threads``) or GPU (synchronised);
+- scale equalizers folded as inference folds them (``kim_plugins.mmseg.se_inference``),
+  timed beside an exact unfolded copy (row ``NAME (unfolded)``; ``--folded-only``
+  skips it);
 - FLOPs counted by mmengine with kim_plugins' ``scaled_dot_product_attention``
   handler (``kim_plugins.mmseg.complexity``), so fused ViT attention counts.
 
@@ -42,6 +45,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import kim_plugins.mmseg  # noqa: E402,F401  registrations
+from kim_plugins.mmseg.cli import add_trust_argument  # noqa: E402
 import kim_plugins.mmseg.complexity  # noqa: E402,F401  SDPA flop handler
 
 
@@ -51,8 +55,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("configs", nargs="+", help="config files; the first is the baseline")
     p.add_argument("--checkpoint", nargs="+", default=None,
                    help="checkpoint per config (same order; 'none' for random weights)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="fully unpickle the checkpoints (runner checkpoints you trust)")
+    add_trust_argument(p)
     p.add_argument("--shape", type=int, nargs="+", default=None, metavar="SIZE",
                    help="random input H W (or one size for H=W); default: the config's crop_size, else 512 512")
     p.add_argument("--data", action="store_true",
@@ -67,6 +70,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=50, help="timed rounds (every config once per round)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads, pinned (default 1)")
+    p.add_argument("--folded-only", action="store_true",
+                   help="time scale-equalizer models only folded, as inference runs them (default: also their "
+                        "unfolded copy, row 'NAME (unfolded)')")
     p.add_argument("--flops", action="store_true", help="also count FLOPs and parameters")
     p.add_argument("--no-speed", action="store_true", help="only FLOPs and parameters (implies --flops)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides applied to every config")
@@ -114,6 +120,33 @@ def build_model(cfg: Config, checkpoint: Optional[str], trust: bool, device: tor
             load_checkpoint(model, checkpoint, map_location="cpu")
     model = revert_sync_batchnorm(model).to(device)
     return model.eval()
+
+
+def with_scale_equalizers_folded(name: str, model: torch.nn.Module,
+                                 keep_unfolded: bool = True) -> List[Tuple[str, torch.nn.Module, str]]:
+    """``(name, model, equalizer status)`` rows: the model as inference runs it, and its unfolded copy.
+
+    A model with scale equalizers is folded as ``tools/test.py`` and
+    ``inference_model`` fold it (``kim_plugins.mmseg.se_inference``; opt-out
+    ``model.test_cfg.fold_scale_equalizers=False``), and with ``keep_unfolded``
+    an exact copy taken before folding is timed beside it as ``NAME (unfolded)``.
+    Models without equalizers come back alone with an empty status.
+    """
+    import copy
+
+    from kim_plugins.mmseg.se_inference import fold_for_inference, scale_equalizer_count
+
+    count = scale_equalizer_count(model)
+    if not count:
+        return [(name, model, "")]
+    unfolded = copy.deepcopy(model) if keep_unfolded else None
+    result = fold_for_inference(model)
+    if result is None:
+        return [(name, model, f"{count} unfolded")]
+    rows = [(name, model, f"{len(result['folded'])}/{count} folded")]
+    if unfolded is not None:
+        rows.append((f"{name} (unfolded)", unfolded, f"{count} unfolded"))
+    return rows
 
 
 def default_shape(cfg: Config) -> Tuple[int, int]:
@@ -209,9 +242,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         raw = [random_batch(tuple(shape), args.batch_size)]
         source = f"random input {shape[0]}x{shape[1]}, batch {args.batch_size}"
     ckpts = args.checkpoint or [None] * len(cfgs)
-    models = {n: build_model(c, k, args.trust_checkpoint, device) for n, c, k in zip(names, cfgs, ckpts)}
-
-    rows: Dict[str, Dict[str, Any]] = {n: dict(name=n) for n in names}
+    models: Dict[str, torch.nn.Module] = {}
+    rows: Dict[str, Dict[str, Any]] = {}
+    for n, c, k in zip(names, cfgs, ckpts):
+        for name, model, status in with_scale_equalizers_folded(n, build_model(c, k, args.trust_checkpoint, device),
+                                                                 keep_unfolded=not args.folded_only):
+            models[name] = model
+            rows[name] = dict(name=name, equalizers=status) if status else dict(name=name)
+    names = list(models)  # the unfolded copies right after their folded models
     if not args.no_speed:
         calls = {n: make_call(m, raw, args.mode) for n, m in models.items()}
         result = compare_timings(calls, baseline=names[0], rounds=args.rounds, warmup=args.warmup,
@@ -240,7 +278,7 @@ def to_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     from kim_plugins.benchmarking import format_table
 
     meta = rows[0]["_meta"]
-    cols = ["name"]
+    cols = ["name"] + (["equalizers"] if any(r.get("equalizers") for r in rows) else [])
     if "median_ms" in rows[0]:
         cols += ["median_ms", "img_per_s", "ratio", "ratio_q1", "ratio_q3"]
     if "flops" in rows[0]:
@@ -261,6 +299,9 @@ def to_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     if "flops" in rows[0]:
         parts.append("FLOPs: backbone + neck + decode head ('tensor' forward), one multiply-add = 1; "
                      "parameters without the auxiliary head.")
+    if "equalizers" in cols:
+        parts.append("Scale equalizers are folded into their convolutions as tools/test.py and inference_model "
+                     "fold them; '(unfolded)' rows time an exact copy taken before folding.")
     head = " ".join(parts)
     return head + "\n\n" + format_table(table_rows, cols) + "\n"
 

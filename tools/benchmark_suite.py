@@ -38,12 +38,14 @@ except ImportError:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from kim_plugins.suite.settings import PAIR_GROUPS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: 2 CPU cores, <= 15 min (default); full: sized for one GPU")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: quick 2, full 3)")
-    p.add_argument("--only", default="se,rates,vit,sap",
-                   help="comma-separated pair groups to run: se, rates, vit, sap (default: all)")
+    p.add_argument("--only", default=",".join(PAIR_GROUPS),
+                   help=f"comma-separated pair groups to run: {', '.join(PAIR_GROUPS)} (default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-time budget: iterations and evaluation sizes shrink to fit it after measuring this "

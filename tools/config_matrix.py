@@ -36,6 +36,9 @@ PAPER_TARGETS: Dict[str, List[Tuple[str, str, str]]] = {
     "gab": [("ade20k", "", "gain on ADE20K reported, number not available (ImageNet: ViT-B/16 RelPos 81.48 %)")],
     "pln": [("", "", "robustness to contrast change; no mIoU target")],
     "sap": [("", "", "no number available")],
+    "nansafe": [("", "", "fewer NaN divergences; no number available")],
+    "gammadecay": [("", "", "+1-4 % on the applicable gammas (classification); rules not available")],
+    "branchdrop": [("", "", "no segmentation number available")],
 }
 
 PAPERS = {
@@ -45,6 +48,10 @@ PAPERS = {
            "(BMVC 2023, arXiv 2305.04722)",
     "pln": "Improved Robustness of Vision Transformer via PreLayerNorm in Patch Embedding (arXiv 2111.08413)",
     "sap": "Stochastic Subsampling With Average Pooling (arXiv 2409.16630)",
+    "nansafe": "Analysis of NaN Divergence in Training Monocular Depth Estimation Model",
+    "gammadecay": "Guidelines for the Regularization of Gammas in Batch Normalization for Deep Residual Networks "
+                  "(ACM TIST 2024)",
+    "branchdrop": "How to Use Dropout Correctly on Residual Networks with Batch Normalization",
 }
 
 
@@ -115,7 +122,7 @@ def render(root: str = _ROOT) -> str:
         "  [docs/tools.md](../docs/tools.md).",
         "- Offline (no ImageNet weights): `--no-pretrained` on `tools/train.py`/`tools/test.py`, or as",
         "  `--cfg-options`: `model.pretrained=None` (mmseg ResNet/HRNet configs),",
-        "  `model.backbone.init_cfg=None` (Swin), `model.backbone.pretrained=False` (`TIMMBackbone`:",
+        "  `model.backbone.init_cfg=None` (Swin), `model.backbone.pretrained=False` (`LazyPretrainedTIMMBackbone`:",
         "  ConvNeXt, ViT; or point `checkpoint_path` at a local timm checkpoint).",
         "",
         "## Matrix",

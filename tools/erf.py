@@ -15,6 +15,8 @@ Examples::
     python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py \\
         --num-images 4 --out-dir work_dirs/erf
     python tools/erf.py my_config.py --checkpoint iter_40000.pth --images data/STARE/images/validation
+    python tools/erf.py vit_small_patch16_gab_224 --checkpoint vit_small_patch16_224.pth  # plain ViT weights
+    python tools/erf.py vit_small_patch16_gab_224 --size 96 --model-kwargs '{"gab_sigma_init": 3}'
     python tools/erf.py configs/atrous_rates/unet-s5-d16_deeplabv3_4xb4-40k_stare-128x128.py \
         configs/atrous_rates/unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128.py --name stare  # side by side
 
@@ -56,12 +58,32 @@ def is_config(model: str) -> bool:
     return model.endswith(".py") or os.path.isfile(model)
 
 
+def uncalibrated_equalizer_owners(model: torch.nn.Module) -> List[str]:
+    """Module paths of the heads whose ``'dataset'`` scale equalizers are uncalibrated and may not run so."""
+    from kim_plugins.layers.scale_equalizer import ScaleEqualizer
+
+    owners = []
+    for name, m in model.named_modules():
+        if isinstance(m, ScaleEqualizer) and m.mode == "dataset" and not m.is_calibrated and not m.allow_uncalibrated:
+            owner = name.split(".scale_equalizers.")[0]
+            if owner not in owners:
+                owners.append(owner)
+    return owners
+
+
 def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: Optional[Dict] = None,
-                   device: str = "cpu") -> Tuple[torch.nn.Module, Any]:
+                   device: str = "cpu", trust: bool = False) -> Tuple[torch.nn.Module, Any]:
     """Build an mmseg segmentor offline: no pretrained download, SyncBN -> BN.
 
     Without ``checkpoint`` the model gets mmseg's own ``init_weights`` (an
-    untrained initialisation). Returns ``(model, cfg)``.
+    untrained initialisation). ``trust`` (``--trust-checkpoint``) lets an
+    old-style runner checkpoint that safe loading refuses be unpickled.
+    Returns ``(model, cfg)``.
+
+    Raises:
+        SystemExit: Scale equalizers that were never calibrated (an untrained
+            SE head): the message gives ``--checkpoint`` and the command-line
+            spelling of ``allow_uncalibrated``.
     """
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
@@ -70,6 +92,7 @@ def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: O
 
     import kim_plugins.mmseg  # noqa: F401  registrations
     from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn
+    from kim_plugins.mmseg.cli import checkpoint_loading
 
     cfg = Config.fromfile(config) if isinstance(config, str) else config
     if cfg_options:
@@ -81,9 +104,17 @@ def load_segmentor(config: Any, checkpoint: Optional[str] = None, cfg_options: O
     from mmseg.registry import MODELS
     model = MODELS.build(cfg.model)
     if checkpoint:
-        load_checkpoint(model, checkpoint, map_location="cpu")
+        with checkpoint_loading(checkpoint, trust):
+            load_checkpoint(model, checkpoint, map_location="cpu")
     else:
         model.init_weights()
+    owners = uncalibrated_equalizer_owners(model)
+    if owners:
+        flags = " ".join(f"model.{o}.allow_uncalibrated=True" for o in owners)
+        weights = f"checkpoint {checkpoint}" if checkpoint else "untrained weights"
+        raise SystemExit(f"{config if isinstance(config, str) else 'the config'}: the scale equalizers of "
+                         f"{', '.join(owners)} were never calibrated ({weights}). Pass --checkpoint with a trained "
+                         f"checkpoint, or measure the ERF with mean 0 / variance 1 equalizers: --cfg-options {flags}")
     model = revert_sync_batchnorm(model).to(device).eval()
     return model, cfg
 
@@ -105,12 +136,24 @@ def segmentor_norm(cfg: Any) -> Tuple[List[float], List[float], float]:
     return list(mean), list(std), 255.0
 
 
-def load_timm(name: str, checkpoint: Optional[str] = None, device: str = "cpu") -> torch.nn.Module:
-    """``timm.create_model(name, pretrained=False)`` (import kim_plugins first: its models too)."""
+def load_timm(name: str, checkpoint: Optional[str] = None, device: str = "cpu",
+              model_kwargs: Optional[Dict[str, Any]] = None,
+              size: Optional[Tuple[int, int]] = None) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **model_kwargs)``.
+
+    kim_plugins' names work too. A model whose timm config has a fixed input
+    size (ViTs) is built for ``size`` (``img_size=size``) unless
+    ``model_kwargs`` sets ``img_size``.
+    """
     import timm
+    from timm.models import get_pretrained_cfg_value
 
     import kim_plugins  # noqa: F401  timm registrations
-    kwargs = dict(checkpoint_path=checkpoint) if checkpoint else {}
+    kwargs = dict(model_kwargs or {})
+    if size is not None and "img_size" not in kwargs and get_pretrained_cfg_value(name, "fixed_input_size"):
+        kwargs["img_size"] = size
+    if checkpoint:
+        kwargs["checkpoint_path"] = checkpoint
     return timm.create_model(name, pretrained=False, **kwargs).to(device).eval()
 
 
@@ -178,7 +221,11 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
     """Model, images and metadata for the command-line arguments."""
     size = parse_size(args.size)
     if is_config(args.model):
-        model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
+        if json.loads(args.model_kwargs):
+            raise SystemExit(f"--model-kwargs applies to timm models; change the config {args.model} with "
+                             "--cfg-options key=value")
+        model, cfg = load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device,
+                                    trust=args.trust_checkpoint)
         size = size or config_crop_size(cfg)
         if size is None:
             raise SystemExit(f"{args.model}: no crop_size in the config; pass --size H W")
@@ -187,8 +234,14 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
         kind = ("mmseg segmentor (centre pixel of the logits)" if args.target == "logits" else
                 "mmseg segmentor (centre pixel of the decoder features before conv_seg)")
     else:
-        model = load_timm(args.model, args.checkpoint, args.device)
+        model_kwargs = json.loads(args.model_kwargs)
+        if not isinstance(model_kwargs, dict):
+            raise SystemExit(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        model = load_timm(args.model, args.checkpoint, args.device, model_kwargs, size)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
+        if size is None and "img_size" in model_kwargs:
+            size = parse_size(model_kwargs["img_size"] if isinstance(model_kwargs["img_size"], (list, tuple))
+                              else [model_kwargs["img_size"]])
         size = size or tuple(pcfg.get("input_size", (3, 224, 224))[1:])
         mean, std, scale = list(pcfg.get("mean", (0.485, 0.456, 0.406))), \
             list(pcfg.get("std", (0.229, 0.224, 0.225))), 1.0
@@ -247,10 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm model name (e.g. resnet50) or mmseg config file (.py); several: also a side-by-side "
                         "comparison <name or 'compare'>_erf_compare.png on the same images")
     p.add_argument("--checkpoint", help="weights: timm checkpoint_path or mmseg checkpoint (.pth)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="fully unpickle the mmseg --checkpoint if safe loading refuses it (an old-style runner "
+                        "checkpoint you trust, e.g. from your own work_dir); nothing else is unpickled")
     p.add_argument("--images", help="folder of images (default: a synthetic dataset fixture)")
     p.add_argument("--fixture", help="dataset fixture to use without --images (default: from the config)")
     p.add_argument("--num-images", type=int, default=8, help="images to accumulate (default 8)")
-    p.add_argument("--size", type=int, nargs="+", help="input H [W] (default: timm input_size / config crop)")
+    p.add_argument("--size", type=int, nargs="+",
+                   help="input H [W] (default: timm input_size / config crop); timm models with a fixed input "
+                        "size (ViTs) are built for it")
+    p.add_argument("--model-kwargs", default="{}",
+                   help="JSON dict of timm.create_model kwargs, e.g. '{\"depth\": 4}' (timm models; mmseg configs "
+                        "take --cfg-options)")
     p.add_argument("--batch-size", type=int, default=4, help="images per backward (default 4)")
     p.add_argument("--target", default="auto", choices=("auto", "decoder", "logits", "tokens", "features"),
                    help="output unit: auto = decoder features before conv_seg for a segmentor, patch tokens after "

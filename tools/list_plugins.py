@@ -32,7 +32,8 @@ def registered_names() -> Dict[str, List[Dict[str, str]]]:
         module = getattr(fn, "__module__", "")
         if module.startswith("kim_plugins."):
             out["timm"].append(dict(name=name, module=module, summary=_summary(fn)))
-    for reg_name in ("MODELS", "HOOKS", "DATASETS", "MODEL_WRAPPERS", "TRANSFORMS", "OPTIM_WRAPPERS", "LOOPS"):
+    for reg_name in ("MODELS", "HOOKS", "DATASETS", "MODEL_WRAPPERS", "TRANSFORMS", "OPTIM_WRAPPERS",
+                     "OPTIM_WRAPPER_CONSTRUCTORS", "LOOPS"):
         reg = getattr(mmseg_registry, reg_name, None)
         # mmseg's registry and its mmengine parent (where scope-free modules register).
         for scope, r in (("mmseg", reg), ("mmengine", getattr(reg, "parent", None))):

@@ -8,13 +8,18 @@ Same command line as mmsegmentation 1.2.2's ``tools/test.py``::
 
 plus:
 
-- ``--trust-checkpoint``: a checkpoint written by mmengine's runner (every
-  ``iter_*.pth`` of your own runs) also pickles training state, which torch
-  >= 2.6's safe loading refuses. Pass this flag for a file you trust; it
-  unpickles exactly that file (``kim_plugins.mmseg.cli``). Without it the
-  load stays safe and a refusal is reported with the flag named.
+- ``--trust-checkpoint``: checkpoints written with kim_plugins imported load
+  safely; an old-style mmengine runner checkpoint also pickles training state,
+  which torch >= 2.6's safe loading refuses. Pass this flag for such a file you
+  trust; it unpickles exactly that file (``kim_plugins.mmseg.cli``). Without
+  it the load stays safe and a refusal is reported with the flag named.
 - ``--tiny DATA_ROOT``: evaluate on a small dataset in the config's layout
   with the same shrinking as ``tools/train.py --tiny`` (crop ``--tiny-crop``).
+
+Scale equalizers are folded into their convolutions before the first test
+batch (``kim_plugins.mmseg.se_inference``, as in mmseg's own ``tools/test.py``
+with kim_plugins imported); ``--cfg-options model.test_cfg.fold_scale_equalizers=False``
+keeps them unfolded.
 
 The metrics are written, as by mmseg, to ``WORK_DIR/<timestamp>/<timestamp>.json``,
 which ``tools/summarize.py`` reads.
@@ -34,6 +39,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import kim_plugins.mmseg  # noqa: E402,F401  registrations, config or not
+from kim_plugins.mmseg.cli import add_trust_argument  # noqa: E402
 import kim_plugins.mmseg.distributed  # noqa: E402,F401  CPU-capable launch
 
 
@@ -53,8 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher")
     parser.add_argument("--tta", action="store_true", help="Test time augmentation")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="fully unpickle CHECKPOINT (a runner checkpoint you trust, e.g. from your own work_dir)")
+    add_trust_argument(parser)
     parser.add_argument("--tiny", metavar="DATA_ROOT",
                         help="evaluate on the small dataset at DATA_ROOT ('auto': write one) with "
                              "tools/train.py --tiny's shrinking")

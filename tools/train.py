@@ -11,8 +11,10 @@ plus:
   dataset in the config's layout (see ``kim_plugins.testing.tiny``): a few
   iterations, small crops, BN instead of SyncBN, no pretrained weights;
   ``--tiny-iters``/``--tiny-crop`` size it. ``--cfg-options`` apply after it.
-- ``--trust-checkpoint``: allow ``load_from`` to unpickle a full runner
-  checkpoint (see ``tools/test.py``); ``--resume`` needs no flag.
+- ``--trust-checkpoint``: allow ``load_from`` to unpickle an old-style runner
+  checkpoint (see ``tools/test.py``); ``--resume`` needs no flag. The
+  checkpoints this tool writes load safely everywhere
+  (``kim_plugins.mmseg.weights_only``).
 
 ``kim_plugins.mmseg`` is imported even when the config has no
 ``custom_imports``. Multi-process runs (``tools/dist_train.sh``) also work
@@ -35,6 +37,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import kim_plugins.mmseg  # noqa: E402,F401  registrations and the resume fix, config or not
+from kim_plugins.mmseg.cli import add_trust_argument  # noqa: E402
 import kim_plugins.mmseg.distributed  # noqa: E402,F401  CPU-capable launch
 
 
@@ -57,8 +60,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tiny-iters", type=int, default=2, help="iterations of a --tiny run (default 2)")
     parser.add_argument("--tiny-crop", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
                         help="crop size of a --tiny run (default 64 64)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="let load_from fully unpickle its (local, trusted) runner checkpoint")
+    add_trust_argument(parser)
     parser.add_argument("--no-pretrained", action="store_true",
                         help="build without ImageNet weights (offline): pretrained/init_cfg checkpoints dropped, "
                              "TIMMBackbone(pretrained=False)")

@@ -7,7 +7,9 @@
 # work for features-only ViTs). Save one with, e.g.,
 #   python -c "import timm, torch; torch.save(timm.create_model('vit_small_patch16_224.augreg_in21k_ft_in1k',
 #              pretrained=True).state_dict(), 'pretrain/vit_small_patch16_224.pth')"
-# or set `pretrained=False` to train from scratch.
+# or set `pretrained=False` (tools/train.py --no-pretrained) to train from scratch.
+# `LazyPretrainedTIMMBackbone` is mmseg's TIMMBackbone (same arguments, same network) that reads the file
+# only when training starts (init_weights): init_model, tools/test.py and benchmarks build without it.
 _base_ = [
     'mmseg::_base_/models/upernet_vit-b16_ln_mln.py',
     'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/default_runtime.py',
@@ -24,7 +26,7 @@ model = dict(
     pretrained=None,
     backbone=dict(
         _delete_=True,
-        type='TIMMBackbone',
+        type='LazyPretrainedTIMMBackbone',
         model_name='vit_small_patch16_224',
         features_only=True,
         pretrained=True,

@@ -8,7 +8,9 @@
 # ConvNeXt. Difference: no stage-wise layer-wise LR decay (mmseg's
 # LearningRateDecayOptimizerConstructor only knows mmpretrain's parameter
 # names). pretrained=True downloads timm's ImageNet-1k weights from the
-# Hugging Face hub at build time; offline, set pretrained=False and
+# Hugging Face hub when training starts (LazyPretrainedTIMMBackbone: mmseg's
+# TIMMBackbone that reads its weights in init_weights, so init_model and
+# tools/test.py build without them); offline, set pretrained=False and
 # checkpoint_path='<local timm checkpoint>'.
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py', 'mmseg::_base_/datasets/ade20k.py',
@@ -21,7 +23,7 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         _delete_=True,
-        type='TIMMBackbone',
+        type='LazyPretrainedTIMMBackbone',
         model_name='convnext_tiny',
         features_only=True,
         pretrained=True,

@@ -38,14 +38,19 @@ This file needs only torch.
 """
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .plugin_state import KeepsStateWhenAbsent
+
 __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
-           "attention_with_bias", "packed_attention_with_bias"]
+           "attention_with_bias", "packed_attention_with_bias", "FLEX_MIN_TOKENS", "flex_attention_available",
+           "use_flex_gaussian_attention", "gaussian_score_mod", "flex_gaussian_attention", "SDPA_MASK_ALIGNMENT",
+           "sdpa_mask_layout"]
 
 #: ``'block'``: one (σ, a) per block, shared over heads (paper default);
 #: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
@@ -53,6 +58,50 @@ __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "ga
 GAB_GRANULARITIES = ("block", "head", "network")
 
 _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
+
+#: Row alignment (elements) of a float ``attn_mask`` that SDPA's memory-efficient CUDA kernel takes as it is:
+#: ``preprocess_mask`` in torch's aten/src/ATen/native/transformers/attention.cpp pads (copies) any mask whose
+#: strides, but the last, are not multiples of 8 — every GAB bias of a ViT (197 tokens at 224 px), on every call.
+SDPA_MASK_ALIGNMENT = 8
+#: devices whose eval-cached bias is stored by :func:`sdpa_mask_layout` (CPU SDPA neither pads nor needs it)
+_SDPA_LAYOUT_DEVICES = ("cuda",)
+
+
+def sdpa_mask_layout(bias: torch.Tensor, dtype: torch.dtype, alignment: int = SDPA_MASK_ALIGNMENT) -> torch.Tensor:
+    """``bias.to(dtype)`` stored with its rows padded to a multiple of ``alignment``, viewed back to ``bias``'s shape.
+
+    What SDPA would otherwise do to a cached eval bias on every call, done
+    once: CUDA autocast casts every floating SDPA argument, the mask
+    included, to its lower precision (``scaled_dot_product_attention`` is a
+    ``lower_precision_fp`` op in aten/src/ATen/autocast_mode.cpp, and the
+    cast of a tensor that is no leaf needing a gradient is not cached), and
+    the memory-efficient kernel pads an unaligned mask (:data:`SDPA_MASK_ALIGNMENT`).
+    Same values as ``bias.to(dtype)``.
+    """
+    t = bias.shape[-1]
+    buf = bias.new_zeros(*bias.shape[:-1], -(-t // alignment) * alignment, dtype=dtype)
+    view = buf[..., :t]
+    view.copy_(bias)
+    return view
+
+
+def _sdpa_mask_dtype(param: torch.Tensor) -> torch.dtype:
+    # the dtype SDPA computes in for this module's bias: the autocast dtype when CUDA autocast is on
+    if param.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return param.dtype
+
+
+@torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
+def _is_tracing() -> bool:
+    """A graph is being captured (torch.compile, torch.export, torch.fx symbolic tracing, torch.jit.trace).
+
+    There the module computes the plain formula with plain torch ops: no
+    Python-side caches (keyed on data pointers and versions a fake or
+    symbolic tensor does not have) and no hand-written autograd functions.
+    """
+    return (torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.jit.is_tracing())
 
 
 def _to_grid(grid_size: Union[int, Tuple[int, int]], what: str = "grid_size") -> Tuple[int, int]:
@@ -271,9 +320,10 @@ def _needs_float32_bias(query: torch.Tensor, attn_bias: Optional[torch.Tensor]) 
 
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
     # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
-    # ``query`` is q or the packed qkv projection (only its device and dtype are read)
-    return (attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad and torch.is_grad_enabled()
-            and query.device.type == "cpu" and attn_bias.is_floating_point() and attn_bias.dtype == query.dtype)
+    # ``query`` is q or the packed qkv projection (only its device and dtype are read); never in a captured graph
+    return (not _is_tracing() and attn_bias is not None and dropout_p == 0.0 and attn_bias.requires_grad
+            and torch.is_grad_enabled() and query.device.type == "cpu" and attn_bias.is_floating_point()
+            and attn_bias.dtype == query.dtype)
 
 
 def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
@@ -322,7 +372,7 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
         ``(B, N, C)``.
     """
     B, N, C3 = qkv.shape
-    if C3 % (3 * num_heads) != 0:
+    if (torch.jit.is_scripting() or not _is_tracing()) and C3 % (3 * num_heads) != 0:
         raise ValueError(f"qkv width {C3} is not 3 x num_heads ({num_heads}) x head_dim")
     head_dim = C3 // (3 * num_heads)
     if scale is None:
@@ -338,7 +388,136 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
     return x.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-class GaussianAttentionBias(nn.Module):
+#: Token count from which ``flex=None`` (auto) computes the bias inside the attention kernel on CUDA
+#: instead of materialising it [decision: 2048 tokens = a 45x45 grid, e.g. ViT-B/16 from 720 px; below it the
+#: per-block bias (heads·T² floats) is small next to the activations and SDPA's fused kernels are faster].
+FLEX_MIN_TOKENS = 2048
+
+
+def flex_attention_available() -> bool:
+    """Whether ``torch.nn.attention.flex_attention`` exists in the installed torch (2.5 and later)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_flex_gaussian_attention(num_tokens: int, device: torch.device, dropout_p: float = 0.0,
+                                flex: Optional[bool] = None, min_tokens: int = FLEX_MIN_TOKENS) -> bool:
+    """Whether :func:`flex_gaussian_attention` (bias never materialised) serves this call.
+
+    Args:
+        num_tokens: Tokens per image (prefix + patches).
+        device: Device of the attention inputs.
+        dropout_p: Attention dropout of this call (flex attention has none).
+        flex: ``True``: always (an error where it cannot run); ``False``: never; ``None`` (default):
+            on CUDA from ``min_tokens`` tokens, when torch has flex attention and there is no dropout.
+        min_tokens: The automatic threshold.
+
+    Raises:
+        RuntimeError: ``flex=True`` but torch has no flex attention, or ``dropout_p > 0``.
+    """
+    if flex is None:
+        return (device.type == "cuda" and num_tokens >= min_tokens and dropout_p == 0.0
+                and flex_attention_available())
+    if flex and not flex_attention_available():
+        raise RuntimeError(f"flex=True needs torch.nn.attention.flex_attention (torch >= 2.5); this torch is "
+                           f"{torch.__version__}: use flex=None or False")
+    if flex and dropout_p > 0.0:
+        raise RuntimeError(f"flex=True cannot apply attention dropout (attn_drop={dropout_p}): use flex=None, "
+                           f"which materialises the bias when dropout is on, or attn_drop_rate=0")
+    return bool(flex)
+
+
+def gaussian_score_mod(sigma: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
+                       num_prefix_tokens: int = 0):
+    """``score_mod`` for flex attention adding ``a² · exp(-(dh² + dw²) / (2σ²))`` to each logit.
+
+    The offset ``(dh, dw)`` comes from the query and key indices (row-major
+    patch grid after ``num_prefix_tokens`` prefix tokens, whose rows and
+    columns get zero bias), so the ``(T, T)`` bias is never stored.
+    Gradients reach ``sigma`` and ``amplitude`` through flex attention's
+    captured-tensor support.
+
+    Args:
+        sigma: ``(P,)`` σ in patch units (``P`` = 1 or number of heads), as the module computes it.
+        amplitude: ``(P,)`` amplitude ``a``.
+        grid_size: ``(H, W)`` of the patch grid.
+        num_prefix_tokens: Class/register tokens before the patch tokens.
+
+    Returns:
+        ``score_mod(score, b, h, q_idx, kv_idx)``.
+    """
+    width = int(grid_size[1])
+    neg_inv_two_var = -0.5 / (sigma * sigma)
+    amp_sq = amplitude * amplitude
+    per_head = sigma.numel() > 1
+    p = int(num_prefix_tokens)
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:
+        hi = h if per_head else 0
+        qp, kp = q_idx - p, kv_idx - p
+        dh = (qp // width - kp // width).to(neg_inv_two_var.dtype)
+        dw = (qp % width - kp % width).to(neg_inv_two_var.dtype)
+        bias = amp_sq[hi] * torch.exp((dh * dh + dw * dw) * neg_inv_two_var[hi])
+        if p > 0:
+            bias = torch.where((qp >= 0) & (kp >= 0), bias, torch.zeros_like(bias))
+        return score + bias.to(score.dtype)
+
+    return score_mod
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_kernel(device: torch.device):
+    # CUDA: the compiled (fused, never materialising) kernel; elsewhere torch's eager reference implementation
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_gaussian_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                            amplitude: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 0,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + B) v`` with the Gaussian bias ``B`` computed inside the attention kernel.
+
+    Same result as ``attention_with_bias(q, k, v, gaussian bias)`` without the
+    ``(heads, T, T)`` bias in memory (nor its gradient): on CUDA through the
+    compiled :func:`torch.nn.attention.flex_attention` kernel. On CPU torch's
+    flex attention runs an unfused reference (for tests; it has no backward
+    for ``q, k, v`` there).
+
+    Args:
+        q, k, v: ``(B, heads, T, head_dim)`` with ``T = num_prefix_tokens + H * W``.
+        sigma, amplitude: ``(P,)`` σ and ``a`` (``P`` = 1 or heads).
+        grid_size: ``(H, W)`` of the patch grid.
+        num_prefix_tokens: Prefix tokens (zero bias).
+        scale: Logit scale; default ``head_dim ** -0.5``.
+
+    Raises:
+        ValueError: ``T`` does not match the grid and prefix, or ``P`` is neither 1 nor ``heads``.
+    """
+    grid = _to_grid(grid_size)
+    tokens = num_prefix_tokens + grid[0] * grid[1]
+    if q.shape[-2] != tokens or k.shape[-2] != tokens:
+        raise ValueError(f"flex Gaussian attention: {q.shape[-2]} query / {k.shape[-2]} key tokens, but the grid "
+                         f"{grid} with {num_prefix_tokens} prefix tokens has {tokens}")
+    if sigma.numel() not in (1, q.shape[1]) or amplitude.numel() != sigma.numel():
+        raise ValueError(f"sigma ({sigma.numel()}) and amplitude ({amplitude.numel()}) need 1 or heads "
+                         f"({q.shape[1]}) values each")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the bias in float32+ under autocast
+    mod = gaussian_score_mod(sigma.reshape(-1).to(dtype), amplitude.reshape(-1).to(dtype), grid, num_prefix_tokens)
+    return _flex_kernel(q.device)(q, k, v, score_mod=mod, scale=scale)
+
+
+class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     """Learnable Gaussian attention bias of one block (or of the whole network).
 
     From "Understanding Gaussian Attention Bias of Vision Transformers Using
@@ -353,7 +532,13 @@ class GaussianAttentionBias(nn.Module):
     device/dtype moves, ``load_state_dict`` and whenever a parameter is
     changed in place (optimizer step, ``copy_``), so a stale bias is never
     returned. Changes through ``param.data`` bypass version tracking: call
-    :meth:`clear_cache` after such edits.
+    :meth:`clear_cache` after such edits. On CUDA the cached bias is kept in
+    the dtype SDPA computes in (the autocast dtype under autocast) and in
+    the row-aligned layout of :func:`sdpa_mask_layout`.
+
+    A state dict without any entry of this module (a checkpoint of the plain
+    host) loads strictly: σ and a keep their current values, and a log line
+    says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`).
 
     Args:
         grid_size: Default ``(H, W)`` patch grid, used when ``forward`` is
@@ -364,6 +549,7 @@ class GaussianAttentionBias(nn.Module):
             σ, a; the model shares this module over all its blocks).
         sigma_init: Initial σ in patch units (paper: 5). Must be > 0.
         amplitude_init: Initial ``a`` (paper: 1); the bias scales with ``a²``.
+            ``0`` warns: σ and a then get exactly zero gradients and never train.
         num_prefix_tokens: Class/register tokens before the patch tokens.
 
     Raises:
@@ -389,6 +575,12 @@ class GaussianAttentionBias(nn.Module):
             raise ValueError(f"sigma_init must be a finite number > 0 (σ is learnt as log σ), got {sigma_init!r}")
         if not (isinstance(amplitude_init, (int, float)) and math.isfinite(amplitude_init)):
             raise ValueError(f"amplitude_init must be a finite number, got {amplitude_init!r}")
+        if amplitude_init == 0:
+            warnings.warn("GaussianAttentionBias(amplitude_init=0) (timm models: gab_amplitude_init=0): the bias "
+                          "a²·exp(-d²/2σ²) and the gradients of σ and a (∝ a², 2a) are exactly 0, so σ and a never "
+                          "leave their initial values and the model stays its plain host; use a nonzero "
+                          "amplitude_init (paper: 1) unless that is the point (an ablation)", UserWarning,
+                          stacklevel=2)
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
@@ -426,7 +618,7 @@ class GaussianAttentionBias(nn.Module):
 
     def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
         """The bias for ``grid_size``, recomputed from the current σ, a (differentiable, never cached)."""
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting() or _is_tracing():
             return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size,
                                            self.num_prefix_tokens)
         return _GaussianAttentionBiasFn.apply(self.gab_sigma_log, self.gab_amplitude, self._distance(grid_size),
@@ -460,8 +652,8 @@ class GaussianAttentionBias(nn.Module):
 
     @torch.jit.unused
     def _may_cache(self) -> bool:
-        # Only in eval and only when no gradient reaches σ/a from this call.
-        if self.training:
+        # Only in eval, only when no gradient reaches σ/a from this call, never in a captured graph.
+        if self.training or _is_tracing():
             return False
         wants_grad = torch.is_grad_enabled() and (self.gab_sigma_log.requires_grad
                                                   or self.gab_amplitude.requires_grad)
@@ -471,17 +663,49 @@ class GaussianAttentionBias(nn.Module):
     def _cached_bias(self, grid: Tuple[int, int]) -> torch.Tensor:
         p, a = self.gab_sigma_log, self.gab_amplitude
         key = (tuple(grid), p.device, p.dtype, p._version, a._version, p.data_ptr(), a.data_ptr(),
-               torch.is_inference_mode_enabled())
+               torch.is_inference_mode_enabled(), _sdpa_mask_dtype(p))
         bias = self._bias_cache.get(key)
         if bias is None:
             with torch.no_grad():
                 bias = self.compute_bias(tuple(grid))
+                if p.device.type in _SDPA_LAYOUT_DEVICES:  # cast and aligned once, not by SDPA in every call
+                    bias = sdpa_mask_layout(bias, key[-1])
             # entries of older parameter versions can never be hit again
-            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:] == key[1:]}
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[1:-1] == key[1:-1]}
             while len(self._bias_cache) >= _CACHE_SIZE:
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             self._bias_cache[key] = bias
         return bias
+
+    #: ``None``: :meth:`attention` computes the bias inside a flex-attention kernel on CUDA from
+    #: ``flex_min_tokens`` tokens; ``True``/``False``: always/never (set on the module or the class).
+    flex: Optional[bool] = None
+    flex_min_tokens: int = FLEX_MIN_TOKENS
+
+    @torch.jit.unused
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  grid_size: Optional[Tuple[int, int]] = None, dropout_p: float = 0.0,
+                  scale: Optional[float] = None) -> torch.Tensor:
+        """``softmax(q kᵀ · scale + bias) v`` with this module's bias, materialised or not.
+
+        From ``flex_min_tokens`` tokens on CUDA (or always with ``flex=True``)
+        the bias is computed inside the kernel (:func:`flex_gaussian_attention`);
+        otherwise it is materialised (:meth:`forward`, cached in eval) and
+        passed to :func:`attention_with_bias`. Same values and gradients.
+
+        Args:
+            q, k, v: ``(B, heads, T, head_dim)``.
+            grid_size: ``(H, W)`` patch grid (default: ``self.grid_size``).
+            dropout_p: Attention dropout probability.
+            scale: Logit scale; default ``head_dim ** -0.5``.
+        """
+        if use_flex_gaussian_attention(q.shape[-2], q.device, dropout_p, self.flex, self.flex_min_tokens):
+            grid = self.grid_size if grid_size is None else grid_size
+            if grid is None:
+                raise RuntimeError("GaussianAttentionBias.attention needs the patch grid: pass grid_size=(H, W)")
+            return flex_gaussian_attention(q, k, v, self.sigma, self.gab_amplitude, grid, self.num_prefix_tokens,
+                                           scale)
+        return attention_with_bias(q, k, v, self(grid_size), dropout_p=dropout_p, scale=scale)
 
     def train(self, mode: bool = True) -> "GaussianAttentionBias":
         self.clear_cache()

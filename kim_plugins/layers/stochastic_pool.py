@@ -398,6 +398,14 @@ def _timm_class(name: str) -> Optional[type]:
     return getattr(tl, name, None)
 
 
+def _check_scripted_eval(training: bool, name: str) -> None:
+    """Under TorchScript a SAP pool is its plain pool (evaluation); its training sampling is Python-only."""
+    if training:
+        raise RuntimeError(f"{name} under TorchScript runs in evaluation mode only (there it is exactly the "
+                           f"plain average pool); its stochastic training runs in eager mode or torch.compile: "
+                           f"call .eval() on the scripted model, or train the unscripted one")
+
+
 def _unsupported(cls: type, pool: nn.Module, accepted: str) -> TypeError:
     return TypeError(f"{cls.__name__}.from_module got {type(pool).__module__}.{type(pool).__name__}; "
                      f"it converts {accepted}")
@@ -427,6 +435,10 @@ class StochasticAvgPool2d(nn.AvgPool2d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            _check_scripted_eval(self.training, "StochasticAvgPool2d")
+            return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                self.count_include_pad, self.divisor_override)  # nn.AvgPool2d's forward
         if not self.training and not self.same_padding:
             return super().forward(input)  # eval: literally nn.AvgPool2d
         return stochastic_avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -469,6 +481,20 @@ class StochasticAvgPool2dSame(StochasticAvgPool2d):
         super().__init__(kernel, _pair(stride) if stride is not None else kernel, (0, 0),
                          ceil_mode, count_include_pad, None, keep_prob)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            _check_scripted_eval(self.training, "StochasticAvgPool2dSame")
+            ih, iw = input.shape[-2], input.shape[-1]
+            kh, kw = self.kernel_size[0], self.kernel_size[1]
+            sh, sw = self.stride[0], self.stride[1]
+            ph = max((-(ih // -sh) - 1) * sh + kh - ih, 0)  # timm's pad_same (dilation 1), as in _same_pad
+            pw = max((-(iw // -sw) - 1) * sw + kw - iw, 0)
+            x = F.pad(input, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                self.count_include_pad)
+        return stochastic_avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                     self.count_include_pad, None, self.keep_prob, self.training, True)
+
 
 class StochasticAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` with stochastic average pooling in training.
@@ -489,7 +515,10 @@ class StochasticAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         self.flatten = bool(flatten)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if torch.jit.is_scripting():
+            _check_scripted_eval(self.training, "StochasticAdaptiveAvgPool2d")
+            out = F.adaptive_avg_pool2d(input, self.output_size)  # nn.AdaptiveAvgPool2d's forward
+        elif self.training:
             out = stochastic_adaptive_avg_pool2d(input, self.output_size, self.keep_prob)
         else:
             out = super().forward(input)  # eval: literally nn.AdaptiveAvgPool2d
@@ -538,6 +567,10 @@ class StochasticAvgPool1d(nn.AvgPool1d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            _check_scripted_eval(self.training, "StochasticAvgPool1d")
+            return F.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                self.count_include_pad)  # nn.AvgPool1d's forward
         if not self.training:
             return super().forward(input)  # eval: literally nn.AvgPool1d
         return stochastic_avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -563,6 +596,9 @@ class StochasticAdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
         self.keep_prob = check_keep_prob(keep_prob)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            _check_scripted_eval(self.training, "StochasticAdaptiveAvgPool1d")
+            return F.adaptive_avg_pool1d(input, self.output_size)  # nn.AdaptiveAvgPool1d's forward
         if not self.training:
             return super().forward(input)  # eval: literally nn.AdaptiveAvgPool1d
         return stochastic_adaptive_avg_pool1d(input, self.output_size, self.keep_prob)

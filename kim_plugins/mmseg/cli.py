@@ -1,15 +1,16 @@
-"""Pieces shared by the command-line tools (``tools/train.py``, ``tools/test.py``, ``tools/benchmark.py``).
+"""Pieces shared by the command-line tools (``tools/train.py``, ``test.py``, ``benchmark.py``, ``erf.py``, ...).
 
 Checkpoint trust policy (torch >= 2.6 loads with ``weights_only=True``):
-a checkpoint written by mmengine's runner pickles its message hub
-(``HistoryBuffer``, numpy scalars, ``builtins.getattr``), so safe loading
-refuses it. Resuming one's own run is trusted automatically
-(:mod:`kim_plugins.mmseg.resume`). Loading one as weights
-(``tools/test.py CONFIG CKPT``, ``load_from``) stays safe by default: the
-user opts in with ``--trust-checkpoint`` for a file they trust (their own
-work dir), which scopes full unpickling to exactly that file through
-:func:`~kim_plugins.mmseg.resume.trust_local_checkpoint`. Without the flag the
-weights-only error is re-raised with a message naming the flag.
+checkpoints written with :mod:`kim_plugins.mmseg` imported load safely
+(:mod:`kim_plugins.mmseg.weights_only`). An old-style runner checkpoint
+pickles its message hub (``HistoryBuffer``, numpy scalars,
+``builtins.getattr``), so safe loading refuses it. Resuming one's own run is
+trusted automatically (:mod:`kim_plugins.mmseg.resume`). Every tool that
+loads a checkpoint as weights stays safe by default and takes
+``--trust-checkpoint`` for a file the user trusts, which scopes full
+unpickling to exactly that file through
+:func:`~kim_plugins.mmseg.resume.trust_local_checkpoint`; without it the
+refusal names the flag.
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ from typing import Iterator, Optional
 
 from kim_plugins.config_rewrite import offline_weights
 
-from .resume import trust_local_checkpoint
+from .resume import TRUST_FLAG, is_weights_only_refusal, trust_local_checkpoint, weights_only_refusal
 
-__all__ = ["TRUST_FLAG", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained", "tiny_data_root"]
+__all__ = ["TRUST_FLAG", "add_trust_argument", "checkpoint_loading", "fresh_visualizer_name", "drop_pretrained",
+           "tiny_data_root"]
 
-TRUST_FLAG = "--trust-checkpoint"
+
+def add_trust_argument(parser) -> None:
+    """``--trust-checkpoint``, worded the same in every tool that loads a checkpoint."""
+    parser.add_argument(TRUST_FLAG, action="store_true",
+                        help="fully unpickle the named checkpoint(s) if safe loading refuses them (old-style runner "
+                             "checkpoints you trust, e.g. from your own work_dir); nothing else is unpickled")
 
 
 @contextlib.contextmanager
@@ -32,7 +39,8 @@ def checkpoint_loading(path: Optional[str], trusted: bool) -> Iterator[None]:
 
     Args:
         path: The checkpoint the block loads (``None``: nothing to load).
-        trusted: The user passed ``--trust-checkpoint``: fully unpickle exactly ``path``.
+        trusted: The user passed ``--trust-checkpoint``: fully unpickle exactly
+            ``path`` if safe loading refuses it.
 
     Raises:
         pickle.UnpicklingError: Safe loading refused a file and ``trusted`` is
@@ -49,14 +57,9 @@ def checkpoint_loading(path: Optional[str], trusted: bool) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise
-        raise pickle.UnpicklingError(
-            f"torch's safe (weights-only) loading refused the checkpoint {path!r}: a checkpoint "
-            f"written by mmengine's runner also pickles its training state (message hub, numpy "
-            f"scalars). If you trust this file (e.g. your own run's work_dir), pass {TRUST_FLAG}; "
-            f"it unpickles exactly this file and nothing else. Original error: "
-            f"{str(err).splitlines()[0]}") from err
+        if not is_weights_only_refusal(err):
+            raise  # already explained by the local loader, or another failure
+        raise weights_only_refusal(path, err) from err
 
 
 def fresh_visualizer_name(cfg) -> None:

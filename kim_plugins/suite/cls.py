@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -65,15 +65,24 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, iters: int, batch_size: int,
-                     lr: float, seed: int, device: str, desc: str) -> Tuple[float, str]:
-    """Train ``model`` for ``iters`` AdamW steps; returns (wall seconds, digest of the batch order and flips)."""
+                     lr: float, seed: int, device: str, desc: str,
+                     make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+                     augment: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
+                     ) -> Tuple[float, str]:
+    """Train ``model`` for ``iters`` steps (AdamW unless ``make_optimizer``); returns (wall seconds, digest of
+    the batch order and flips).
+
+    ``augment(x, y) -> (x, y)`` acts on each normalised batch before the loss
+    (``y`` may become soft targets ``(B, 10)``, e.g. timm's ``Mixup``); its own
+    randomness does not touch the batch order.
+    """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
     model.to(device).train()
     normalize = robustness.normalizer(model)
-    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
+    opt = make_optimizer(model) if make_optimizer else create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, iters // 10)
     sched = CosineLRScheduler(opt, t_initial=iters, warmup_t=warmup, warmup_lr_init=lr * 0.01, lr_min=lr * 0.01,
                               t_in_epochs=False)
@@ -93,8 +102,11 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
         flip = torch.rand(len(idx), generator=gen) < 0.5
         digest.update(idx.numpy().tobytes() + flip.numpy().tobytes())
         x = to_input(images[idx.numpy()])
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-        loss = F.cross_entropy(model(normalize(x)), y_all[idx].to(device))
+        x = normalize(torch.where(flip[:, None, None, None], x.flip(-1), x).to(device))
+        y = y_all[idx].to(device)
+        if augment is not None:
+            x, y = augment(x, y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -126,14 +138,25 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     For the budget estimate. Returns ``(step, forward, batch size)``.
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
-    model = make_classifier(name, settings.vit if pair == "vit" else settings.resnet, 0)
+    return synthetic_classifier_step(name, settings.vit if pair == "vit" else settings.resnet, settings.cls_batch)
+
+
+def synthetic_classifier_step(timm_name: str, overrides: Dict[str, Any], batch: int) -> Tuple[Callable, Callable, int]:
+    """``(step, forward, batch)`` of a 32x32 classifier on random data (one AdamW step; one eval forward)."""
+    model = make_classifier(timm_name, overrides, 0)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x)), len(x))
+
+
+def timing_closures(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                    forward_fn: Callable[[nn.Module], Any]) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """``(step, forward)``: one AdamW training step on ``loss_fn(model)``, one eval ``forward_fn(model)``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(settings.cls_batch, 3, 32, 32)
-    y = torch.randint(0, 10, (settings.cls_batch,))
 
     def step() -> None:
         model.train()
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -141,9 +164,9 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     @torch.no_grad()
     def forward() -> None:
         model.eval()
-        model(x)
+        forward_fn(model)
 
-    return step, forward, len(x)
+    return step, forward
 
 
 # ---------------------------------------------------------------------------------------------------------

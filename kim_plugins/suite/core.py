@@ -55,7 +55,7 @@ def _time(fn, n: int) -> float:
 
 def measure_step_costs(pairs: Sequence[str], settings: SuiteSettings, device: str) -> Dict[str, Dict[str, float]]:
     """Seconds per training step and per evaluated image of each pair's baseline, on random data."""
-    from kim_plugins.suite import cls, seg
+    from kim_plugins.suite import cls, diagnostics, seg, stability
     from kim_plugins.suite.seg import _on_device
 
     out = {}
@@ -63,6 +63,10 @@ def measure_step_costs(pairs: Sequence[str], settings: SuiteSettings, device: st
         if pair in seg.SEG_PAIRS:
             with _on_device(device):
                 step, fwd, n = seg.synthetic_step(pair, settings)
+        elif pair in stability.STABILITY_PAIRS:
+            step, fwd, n = stability.synthetic_step(pair, settings)
+        elif pair in diagnostics.DIAG_PAIRS:
+            step, fwd, n = diagnostics.synthetic_step(pair, settings)
         else:
             step, fwd, n = cls.synthetic_step(pair, settings)
         step()
@@ -74,7 +78,7 @@ def measure_step_costs(pairs: Sequence[str], settings: SuiteSettings, device: st
 def estimate_cost(pairs: Sequence[str], settings: SuiteSettings, costs: Dict[str, Dict[str, float]],
                   scenes_cached: bool) -> float:
     """Seconds the suite needs with ``settings`` given the measured step costs (a planning model)."""
-    from kim_plugins.suite import cls, seg
+    from kim_plugins.suite import cls, diagnostics, seg, stability
 
     total = _REPORT_S + _FMNIST_S
     if any(p in seg.SEG_PAIRS for p in pairs) and not scenes_cached:
@@ -92,6 +96,10 @@ def estimate_cost(pairs: Sequence[str], settings: SuiteSettings, costs: Dict[str
             calib = settings.se_calib_batches * settings.seg_batch * c["image_s"] if pair.startswith("se-") else 0.0
             probes = 2 * variants * 4 * max(settings.erf_images, settings.variance_images) * c["image_s"]
             total += settings.seeds * variants * per_run + settings.seeds * calib + probes
+        elif pair in stability.STABILITY_PAIRS:
+            total += stability.estimate_pair_cost(pair, settings, c, _CLS_OVERHEAD_S)
+        elif pair in diagnostics.DIAG_PAIRS:
+            total += diagnostics.estimate_pair_cost(pair, settings, c)
         else:
             variants = len(cls.CLS_PAIRS[pair]["variants"])
             per_run = (_CLS_OVERHEAD_S + 1.1 * settings.cls_iters * c["step_s"]
@@ -172,7 +180,7 @@ def run_suite(opts: SuiteOptions) -> Dict[str, Any]:
     os.makedirs(out_dir, exist_ok=True)
 
     from kim_plugins.data.fashion_mnist import find_fashion_mnist
-    from kim_plugins.suite import cls, seg
+    from kim_plugins.suite import cls, diagnostics, seg, stability
     from kim_plugins.suite.data import cached_scenes, default_data_root, prepare_data
     from kim_plugins.suite.report import accuracy_table, summarize_pair, write_report
 
@@ -216,6 +224,10 @@ def run_suite(opts: SuiteOptions) -> Dict[str, Any]:
         try:
             if pair in seg.SEG_PAIRS:
                 results.append(seg.run_seg_pair(pair, settings, data, out_dir, device, seg_cache))
+            elif pair in stability.STABILITY_PAIRS:
+                results.append(stability.run_stability_pair(pair, settings, data, out_dir, device))
+            elif pair in diagnostics.DIAG_PAIRS:
+                results.append(diagnostics.run_diag_pair(pair, settings, data, out_dir, device))
             else:
                 results.append(cls.run_cls_pair(pair, settings, data, out_dir, device))
         except Exception as err:  # noqa: BLE001  one broken pair must not hide the others; reported below

@@ -503,6 +503,13 @@ def write_report(out_dir: str, results: List[PairResult], run_info: Dict[str, An
         lines += _vit_section(by_pair["vit"]) + [""]
     if "sap" in by_pair:
         lines += _sap_section(by_pair["sap"]) + [""]
+    from kim_plugins.suite.stability import STABILITY_PAIRS, report_lines
+    for pr in results:
+        if pr.pair in STABILITY_PAIRS:
+            lines += report_lines(pr) + [""]
+    for pr in results:  # pairs that render their own mechanism section (kim_plugins.suite.diagnostics)
+        if pr.mechanism.get("report_lines"):
+            lines += list(pr.mechanism["report_lines"]) + [""]
     lines += ["## 2. Accuracy against each baseline", "",
               "Δ = mean(variant) − mean(baseline) over the same seeds; \"not significant\" when a single seed was "
               "run or |Δ| ≤ 2·sqrt(s_b²/n + s_v²/n) (s: sample std over seeds). Train time is the wall time of "

@@ -1,11 +1,12 @@
 """Tiny on-disk datasets in the exact mmseg layouts of every dataset kim_plugins evaluates on.
 
-None of ADE20K, Cityscapes, PASCAL VOC 2012 (+aug), STARE, CHASE_DB1, HRF or
-iSAID can be downloaded on the project's machines, so the tests (and anyone
+None of ADE20K, Cityscapes, PASCAL VOC 2012 (+aug), STARE, CHASE_DB1, HRF,
+iSAID or NYU Depth V2 can be downloaded on the project's machines, so the tests (and anyone
 who wants to dry-run a config) use these fixtures: a few small images and
 label maps written with each dataset's directory layout, file suffixes and
 label conventions, so that mmseg's own dataset classes and pipelines read them
-unchanged.
+unchanged; ``fashion_scenes`` is the layout of kim_plugins' own
+``FashionScenesDataset``.
 
 Images are smooth random colour fields; labels are a random blob map with
 values drawn from the dataset's label set, so every class of a fixture is
@@ -54,6 +55,9 @@ class FixtureSpec:
             and are told apart by list files (VOC).
         extra_ann_dirs: More label folders written with the same maps (VOC's
             ``SegmentationClassAug``).
+        depth: The labels are depth maps (NYU: uint16 PNG in millimetres, 0 =
+            no measurement) instead of class maps; ``label_values`` is then
+            (min, max) depth in millimetres.
     """
 
     name: str
@@ -70,6 +74,7 @@ class FixtureSpec:
     subdirs: Tuple[str, ...] = ()
     shared_folders: bool = False
     extra_ann_dirs: Tuple[str, ...] = ()
+    depth: bool = False
 
 
 def _range(n: int, ignore: Optional[int] = None) -> Tuple[int, ...]:
@@ -97,6 +102,14 @@ FIXTURES: Dict[str, FixtureSpec] = {
     # iSAID: 16 classes (0 = background), 255 = ignore.
     "isaid": FixtureSpec("isaid", "iSAIDDataset", "img_dir/{split}", "ann_dir/{split}", ".png",
                          "_instance_color_RGB.png", ("train", "val"), _range(16, 255)),
+    # NYU Depth V2 (mmseg's NYUDataset): depth in mm as uint16 PNG, 0 = no measurement; the
+    # stems carry a scene class as in the real files ("bedroom_0001").
+    "nyu": FixtureSpec("nyu", "NYUDataset", "images/{split}", "annotations/{split}", ".jpg", ".png",
+                       ("train", "test"), (500, 9500), depth=True),
+    # kim_plugins' own Fashion scenes (kim_plugins.mmseg.datasets.FashionScenesDataset): 0 = background,
+    # 1..10 the Fashion-MNIST classes; the layout of kim_plugins.data.fashion_scenes.
+    "fashion_scenes": FixtureSpec("fashion_scenes", "FashionScenesDataset", "img_dir/{split}", "ann_dir/{split}",
+                                  ".png", ".png", ("train", "val"), _range(11)),
 }
 
 
@@ -129,6 +142,15 @@ def _label_map(rng: np.random.Generator, h: int, w: int, values: Sequence[int]) 
     return lab.astype(np.uint8)
 
 
+def _depth_map(rng: np.random.Generator, h: int, w: int, depth_range_mm: Sequence[int]) -> np.ndarray:
+    """Smooth depth in millimetres (uint16) with about 15 % unmeasured (0) pixels in blobs, as NYU's raw maps."""
+    lo, hi = depth_range_mm
+    depth = lo + (hi - lo) * _smooth_noise(rng, h, w, 1, cell=12)[..., 0]
+    holes = _smooth_noise(rng, h, w, 1, cell=5)[..., 0] < 0.3
+    depth[holes] = 0
+    return np.round(depth).astype(np.uint16)
+
+
 def _write(path: str, array: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img = Image.fromarray(array)
@@ -144,7 +166,8 @@ def make_dataset_fixture(name: str, root: str, seed: int = 0, num_train: Optiona
 
     Args:
         name: One of :data:`FIXTURES` (``ade20k``, ``cityscapes``, ``voc2012``,
-            ``stare``, ``chase_db1``, ``hrf``, ``isaid``).
+            ``stare``, ``chase_db1``, ``hrf``, ``isaid``, ``nyu``,
+            ``fashion_scenes``).
         root: Parent folder.
         seed: Seed of the images and labels.
         num_train: Override of the number of training samples.
@@ -169,14 +192,14 @@ def make_dataset_fixture(name: str, root: str, seed: int = 0, num_train: Optiona
     for split, count in zip(spec.splits, (n_train, n_val)):
         names = []
         for i in range(count):
-            stem = f"{split}_{i:04d}"
+            stem = f"bedroom_{i:04d}" if spec.depth else f"{split}_{i:04d}"
             sub = ""
             if spec.subdirs:
                 city = spec.subdirs[i % len(spec.subdirs)]
                 stem = f"{city}_{i:06d}_{19 if split == 'val' else 0:06d}"
                 sub = city
             img = (255 * _smooth_noise(rng, h, w, 3)).astype(np.uint8)
-            lab = _label_map(rng, h, w, spec.label_values)
+            lab = (_depth_map if spec.depth else _label_map)(rng, h, w, spec.label_values)
             img_dir = spec.img_dir.format(split=split)
             ann_dir = spec.ann_dir.format(split=split)
             _write(os.path.join(data_root, img_dir, sub, stem + spec.img_suffix), img)

@@ -5,7 +5,17 @@ Every config under ``configs/`` is written for its real dataset and GPUs
 :func:`tiny_config` rewrites one so that it trains a couple of iterations and
 evaluates on CPU on a fixture from :mod:`kim_plugins.testing.dataset_fixtures`,
 without changing the model's structure (same backbone, head, norms by type,
-losses, evaluator):
+losses, evaluator). It shrinks the data, not what the model derives from it:
+
+- a head with ``dilations='auto'`` keeps the rates of the full config: a missing
+  ``crop_size`` (which ``RAEncoderDecoder`` takes from the data preprocessor's
+  ``size``) is pinned to the config's own crop before the preprocessor shrinks,
+  so ``output_stride='infer'`` and the rate rule see the real training crop;
+- the one exception: a fixed-size timm ViT (``img_size`` without
+  ``dynamic_img_size``) gets ``img_size`` = the tiny crop, since it cannot take
+  any other input size.
+
+What it rewrites:
 
 - ``data_root`` of every dataset (through ``RepeatDataset``/``ConcatDataset``
   wrappers), small batches, no worker processes;
@@ -28,7 +38,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config, ConfigDict
 
-from kim_plugins.config_rewrite import offline_weights, sync_bn_to_bn, walk_dicts
+from kim_plugins.config_rewrite import TIMM_BACKBONES, offline_weights, sync_bn_to_bn, walk_dicts
 
 __all__ = ["tiny_config", "run_tiny"]
 
@@ -66,6 +76,25 @@ def _fix_datasets(loader: Dict[str, Any], data_root: str, crop: Tuple[int, int])
     walk_dicts(loader.get("dataset", {}), fix)
 
 
+def _pin_auto_dilation_crops(model: Dict[str, Any], crop: Any) -> int:
+    """Give every ``dilations='auto'`` head without ``crop_size`` the config's crop (in place); return how many.
+
+    ``RAEncoderDecoder`` and ``resolve_auto_dilations`` take a missing
+    ``crop_size`` from the data preprocessor's ``size``, which a tiny run
+    shrinks; pinning it first keeps the rates the full config builds.
+    """
+    if crop is None:
+        return 0
+    pinned = 0
+    for key in ("decode_head", "auxiliary_head"):
+        heads = model.get(key)
+        for head in heads if isinstance(heads, (list, tuple)) else [heads]:
+            if isinstance(head, dict) and head.get("dilations") == "auto" and head.get("crop_size") is None:
+                head["crop_size"] = crop if isinstance(crop, int) else tuple(int(c) for c in crop)
+                pinned += 1
+    return pinned
+
+
 def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
                 crop_size: Tuple[int, int] = (64, 64), max_iters: int = 2, batch_size: int = 2,
                 seed: int = 0, val_interval: Optional[int] = None, device: Optional[str] = None) -> Config:
@@ -96,10 +125,11 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
         sync_bn_to_bn(model)
     offline_weights(model)
     backbone = model.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("type") == "TIMMBackbone" and "img_size" in backbone \
+    if isinstance(backbone, dict) and backbone.get("type") in TIMM_BACKBONES and "img_size" in backbone \
             and not backbone.get("dynamic_img_size"):
         backbone["img_size"] = crop  # fixed-size timm ViTs (relpos) must match the tiny crop
     pre = model.get("data_preprocessor")
+    _pin_auto_dilation_crops(model, pre.get("size") if isinstance(pre, dict) else None)
     if isinstance(pre, dict) and pre.get("size") is not None:
         pre["size"] = crop
     if cfg.get("data_preprocessor") is not None and cfg.data_preprocessor.get("size") is not None:

@@ -30,10 +30,12 @@ Registered names (``import kim_plugins`` first)::
     vit_{tiny,small,base}_patch16_pln_224          VisionTransformer + PreLayerNorm
     vit_small_patch16_gab_pln_224                  both
 
-A plain timm checkpoint of the host loads into each of them
-(``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
-new parameters (σ, a, the PLN norm) keep their initial values, and a bias-free
-PLN projection drops the checkpoint's ``patch_embed.proj.bias`` (logged).
+A plain timm checkpoint of the host loads strictly into each of them by every
+route (``load_state_dict``, ``create_model(checkpoint_path=...)``,
+``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
+new parameters (σ, a, the PLN norm) keep their initial values and a log line
+says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`). A bias-free PLN projection drops the
+checkpoint's ``patch_embed.proj.bias`` (logged).
 """
 
 import logging
@@ -44,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import Attention, PatchEmbed, maybe_add_mask, resolve_self_attn_mask
+from timm.layers import (Attention, LayerNorm, PatchEmbed, maybe_add_mask, register_notrace_function, register_notrace_module,
+                         resolve_self_attn_mask)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -53,7 +56,8 @@ from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, 
 from timm.models.vision_transformer_relpos import checkpoint_filter_fn as _relpos_filter_fn
 
 from ..layers.gaussian_attention_bias import (GAB_GRANULARITIES, GaussianAttentionBias, attention_with_bias,
-                                              packed_attention_with_bias)
+                                              packed_attention_with_bias, use_flex_gaussian_attention)
+from ..layers.plugin_state import KeepsStateWhenAbsent
 
 __all__ = [
     "GabAttention",
@@ -62,11 +66,19 @@ __all__ = [
     "GabRelPosBlock",
     "GabVisionTransformer",
     "GabVisionTransformerRelPos",
+    "PatchEmbedLayerNorm",
     "PreLayerNormPatchEmbed",
     "checkpoint_filter_fn",
 ]
 
 _logger = logging.getLogger(__name__)
+
+# FX tracing with timm's lists (timm's FX features, torchvision's create_feature_extractor as timm calls it): the
+# bias module and the attention calls stay whole, so the traced graph keeps the eval-time bias cache and picks the
+# attention path per call; traced without those lists, they reduce to plain torch ops.
+register_notrace_module(GaussianAttentionBias)
+register_notrace_function(attention_with_bias)
+register_notrace_function(packed_attention_with_bias)
 
 
 def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
@@ -75,6 +87,10 @@ def _with_gab_bias(bias: torch.Tensor, attn_mask: Optional[torch.Tensor], is_cau
         return bias
     extra = resolve_self_attn_mask(bias.shape[-1], bias, attn_mask, is_causal)
     return maybe_add_mask(bias, extra)
+
+
+# a graph node under torch.fx: the model's attn_mask / is_causal inputs are symbolic there, chosen at run time
+torch.fx.wrap("_with_gab_bias")
 
 
 def _make_gab_layer(num_prefix_tokens: int, granularity: str, sigma_init: float,
@@ -140,6 +156,20 @@ class GabAttention(Attention):
             x = attn @ v
         return self._merged_heads_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
+    @torch.jit.unused
+    def forward_gaussian(self, x: torch.Tensor, gab: GaussianAttentionBias, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The same attention with ``gab``'s bias applied by :meth:`GaussianAttentionBias.attention`.
+
+        That computes the bias inside a flex-attention kernel instead of
+        materialising the ``(heads, T, T)`` bias (high resolutions on CUDA).
+        """
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = gab.attention(q, k, v, feat_size, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        return self._merged_heads_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+
     def _merged_heads_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
         if gate is not None:
@@ -172,12 +202,25 @@ class GabBlock(Block):
             is_causal: bool = False,
             feat_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        if self.gab is not None:
-            attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, is_causal)
-            is_causal = False
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if (not torch.jit.is_scripting() and self.gab is not None and attn_mask is None and not is_causal
+                and self._flex_gab(x)):
+            attn_out = self.attn.forward_gaussian(self.norm1(x), self.gab, feat_size)
+        else:
+            if self.gab is not None:
+                attn_mask = _with_gab_bias(self.gab(feat_size), attn_mask, is_causal)
+                is_causal = False
+            attn_out = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(attn_out))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    @torch.jit.unused
+    def _flex_gab(self, x: torch.Tensor) -> bool:
+        # the bias inside a flex-attention kernel (GaussianAttentionBias.flex / flex_min_tokens decide)
+        if not isinstance(self.attn, GabAttention):
+            return False
+        dropout = self.attn.attn_drop.p if self.training else 0.
+        return use_flex_gaussian_attention(x.shape[1], x.device, dropout, self.gab.flex, self.gab.flex_min_tokens)
 
 
 class GabRelPosAttention(RelPosAttention):
@@ -505,26 +548,28 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
         return x, intermediates
 
 
-def _is_plugin_key(key: str) -> bool:
-    """State-dict keys that the plugins add to their timm host (absent from a plain checkpoint)."""
-    return key.rsplit(".", 1)[-1].startswith("gab_") or key.startswith("patch_embed.norm.")
+class PatchEmbedLayerNorm(KeepsStateWhenAbsent, LayerNorm):
+    """The PLN norm: timm's ``LayerNorm`` (eps 1e-6) on the projected patch tokens (``PatchEmbed.norm``).
+
+    "Improved Robustness of Vision Transformer via PreLayerNorm in Patch
+    Embedding" (Kim and Kim, arXiv:2111.08413). Same module as
+    ``embed_norm_layer='layernorm'``, except that a state dict without its
+    weight and bias (a plain ViT checkpoint) loads strictly and leaves it at
+    its initial values (weight 1, bias 0).
+    """
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module,
                          host_filter_fn: Callable = _vit_filter_fn) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint of the plain timm host (or of the plugin model itself).
 
-    Runs the host's own filter (position-embedding resampling, layouts), then
-    gives every plugin parameter that the checkpoint lacks (σ, a, the PLN
-    norm) the model's current, freshly initialised value, so a strict load
-    succeeds and those parameters keep their init. Any other missing key is
-    left missing, so a wrong checkpoint still fails loudly.
+    Runs the host's own filter (position-embedding resampling, layouts). The
+    plugin modules that the checkpoint lacks entirely (σ, a, the PLN norm)
+    keep their freshly initialised values in the strict load that follows
+    (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`); any
+    other missing key still fails it loudly.
     """
-    out = host_filter_fn(state_dict, model)
-    for key, value in model.state_dict().items():
-        if key not in out and _is_plugin_key(key):
-            out[key] = value
-    return out
+    return host_filter_fn(state_dict, model)
 
 
 def _create(model_cls: Type[nn.Module], host_filter_fn: Callable, variant: str, pretrained: bool = False,
@@ -626,7 +671,7 @@ class PreLayerNormPatchEmbed(PatchEmbed):
 
 
 def _pln_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Model arguments of a PLN name: timm's LayerNorm (eps 1e-6) inside :class:`PreLayerNormPatchEmbed`.
+    """Model arguments of a PLN name: :class:`PatchEmbedLayerNorm` (timm's LayerNorm, eps 1e-6) inside :class:`PreLayerNormPatchEmbed`.
 
     Pops ``pln_patch_bias`` (default False, see :class:`PreLayerNormPatchEmbed`)
     and ``embed_norm_layer`` from ``kwargs``.
@@ -642,10 +687,10 @@ def _pln_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
             be a plain ViT) or an ``embed_layer`` (the PLN models set their own).
     """
     patch_bias = bool(kwargs.pop("pln_patch_bias", False))
-    norm = kwargs.pop("embed_norm_layer", "layernorm")
+    norm = kwargs.pop("embed_norm_layer", PatchEmbedLayerNorm)
     if not norm:  # None reaches here from a direct call; timm.create_model prunes None-valued kwargs first
         raise ValueError(f"embed_norm_layer={norm!r} removes the PreLayerNorm of a PLN model: keep the default "
-                         "('layernorm'), pass another norm, or create the plain timm ViT (e.g. "
+                         "(PatchEmbedLayerNorm), pass another norm, or create the plain timm ViT (e.g. "
                          "'vit_small_patch16_224') for a model without it")
     if "embed_layer" in kwargs:
         raise ValueError(f"embed_layer={kwargs['embed_layer']!r}: the PLN models use PreLayerNormPatchEmbed; "

@@ -75,10 +75,15 @@ def test_init_values_and_sigma_stays_positive():
     assert gab.sigma.item() > 0 and torch.isfinite(gab()).all()
 
 
-def test_amplitude_zero_gives_zero_bias_of_full_shape():
-    gab = GaussianAttentionBias((2, 2), num_heads=2, amplitude_init=0.0, num_prefix_tokens=1)
+def test_amplitude_zero_gives_zero_bias_of_full_shape_and_warns_that_it_never_trains():
+    with pytest.warns(UserWarning, match=r"amplitude_init=0.*never"):
+        gab = GaussianAttentionBias((2, 2), num_heads=2, amplitude_init=0.0, num_prefix_tokens=1)
     bias = gab()
     assert bias.shape == (1, 1, 5, 5) and torch.count_nonzero(bias) == 0
+    # what the warning says: every gradient of σ and a is exactly 0, whatever the loss
+    gab.train()
+    (gab() * torch.randn(1, 1, 5, 5)).sum().backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in gab.parameters())
 
 
 def test_gradients_match_closed_form():
@@ -290,3 +295,39 @@ def test_distance_cache_follows_device_and_dtype():
     bias = gab((2, 3))
     assert bias.dtype == torch.float64  # (σ was rounded to float32 before the move: 1e-7)
     torch.testing.assert_close(bias, _expected_bias((2, 3), [5.0], [1.0], 0), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [197, 200, 5])
+def test_sdpa_mask_layout_keeps_values_and_has_the_strides_sdpa_takes_without_a_copy(tokens):
+    from kim_plugins.layers.gaussian_attention_bias import SDPA_MASK_ALIGNMENT, sdpa_mask_layout
+    bias = torch.randn(1, 3, tokens, tokens, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = sdpa_mask_layout(bias, dtype)
+        assert out.shape == bias.shape and out.dtype == dtype
+        assert torch.equal(out, bias.to(dtype))  # the cast SDPA's autocast would do, bit for bit
+        # torch's aligned_tensor<8> (attention.cpp): every stride but the last a multiple of 8, the last 1
+        assert out.stride(-1) == 1 and all(s % SDPA_MASK_ALIGNMENT == 0 for s in out.stride()[:-1])
+    q, k, v = torch.randn(3, 2, 3, tokens, 8).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float())
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask_layout(bias, torch.float32)), ref)
+
+
+def test_eval_cache_stores_the_sdpa_layout_on_its_devices_and_recomputes_for_another_dtype(monkeypatch):
+    import kim_plugins.layers.gaussian_attention_bias as gab_mod
+    monkeypatch.setattr(gab_mod, "_SDPA_LAYOUT_DEVICES", ("cpu",))  # the CUDA branch, exercised on CPU
+    m = GaussianAttentionBias((3, 4), num_heads=2, granularity="head", num_prefix_tokens=1).eval()
+    with torch.no_grad():
+        m.gab_sigma_log.copy_(torch.tensor([0.3, 1.1]))
+    ref = m.compute_bias((3, 4)).detach()
+    with torch.no_grad():
+        first = m((3, 4))
+        assert m((3, 4)) is first  # cached
+    assert torch.equal(first, ref)  # 1 + 3 * 4 = 13 tokens, rows padded to 16
+    assert all(s % 8 == 0 for s in first.stride()[:-1]) and not first.is_contiguous()
+    m.double()  # another parameter dtype: a new entry in that dtype
+    with torch.no_grad():
+        assert m((3, 4)).dtype == torch.float64
+    monkeypatch.setattr(gab_mod, "_SDPA_LAYOUT_DEVICES", ())
+    m.clear_cache()
+    with torch.no_grad():
+        assert m((3, 4)).is_contiguous()  # CPU default: the plain bias

@@ -220,6 +220,26 @@ def _narrow(cfg):
     return cfg
 
 
+def test_tiny_config_keeps_the_rates_of_the_documented_infer_snippet():
+    """--tiny shrinks the data, not the model: RAEncoderDecoder's crop stays the config's, not the tiny crop.
+
+    The docs' snippet (``type='RAEncoderDecoder'``, ``output_stride='infer'``, no ``crop_size``) on the
+    Cityscapes config: the crop comes from the data preprocessor, which a tiny run shrinks to 64x64; the
+    rule on an 8-pixel map cannot make four rates, so the model must be built from the real crop.
+    """
+    path = os.path.join(CONFIGS, "deeplabv3-ra_r101-d8_4xb2-80k_cityscapes-512x1024.py")
+    cfg = _narrow(Config.fromfile(path))
+    cfg.model.type = "RAEncoderDecoder"
+    cfg.model.decode_head.update(dilations="auto", output_stride="infer", crop_size=None)
+    from kim_plugins.config_rewrite import sync_bn_to_bn
+    sync_bn_to_bn(cfg.model)
+    full = MODELS.build(cfg.model).decode_head.dilations
+    assert full == resolution_aware_rates((512, 1024), 8) == (1, 10, 21, 31)
+    tiny = tiny_config(cfg, "unused", "unused", crop_size=(64, 64), device="cpu")
+    assert tuple(tiny.model.data_preprocessor.size) == (64, 64)  # the data shrank
+    assert MODELS.build(tiny.model).decode_head.dilations == full  # the model did not
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RA_CONFIGS, ids=os.path.basename)
 def test_tiny_train_and_eval(path, fixture_root, tmp_path):

@@ -60,13 +60,27 @@ def test_resume_equals_uninterrupted_run_bitwise(fixture_root, tmp_path):
     assert a["param_schedulers"] == b["param_schedulers"]
 
 
-def test_unpatched_resume_fails_on_torch_2_6_plus(fixture_root, tmp_path):
-    """The failure the fix exists for (so the bitwise test above can fail without it)."""
+def test_unpatched_resume_fails_on_an_old_style_checkpoint(fixture_root, tmp_path):
+    """The failure the resume scope exists for: mmengine's own format (weights_only_checkpoint hook off)."""
     from mmengine.runner import Runner
-    _train(_cfg(fixture_root, tmp_path / "w", stop_at=2))
+    cfg = _cfg(fixture_root, tmp_path / "w", stop_at=2)
+    cfg.default_hooks.weights_only_checkpoint = None  # opt out: mmengine's plain checkpoint format
+    _train(cfg)
     runner = Runner.from_cfg(_cfg(fixture_root, tmp_path / "w"))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         Runner.resume.__wrapped__(runner, str(tmp_path / "w" / "iter_2.pth"))
+    Runner.resume(runner, str(tmp_path / "w" / "iter_2.pth"))  # the scoped resume unpickles exactly this file
+    assert runner.iter == 2
+
+
+def test_unpatched_resume_reads_our_checkpoints_safely(fixture_root, tmp_path):
+    """Checkpoints written with kim_plugins imported need no trust, not even mmengine's unpatched resume."""
+    from mmengine.runner import Runner
+    _train(_cfg(fixture_root, tmp_path / "w", stop_at=2))
+    torch.load(tmp_path / "w" / "iter_2.pth", weights_only=True)
+    runner = Runner.from_cfg(_cfg(fixture_root, tmp_path / "w"))
+    Runner.resume.__wrapped__(runner, str(tmp_path / "w" / "iter_2.pth"))
+    assert runner.iter == 2 and runner.message_hub.get_scalar("train/loss").current() > 0
 
 
 class _Arbitrary:

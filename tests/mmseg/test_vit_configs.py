@@ -19,7 +19,7 @@ from kim_plugins.testing.tiny import run_tiny, tiny_config  # noqa: E402
 
 register_all_modules(init_default_scope=True)
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 GAB = os.path.join(ROOT, "gaussian_attention_bias")
 PLN = os.path.join(ROOT, "prelayernorm")
 CROP = (64, 64)
@@ -43,7 +43,8 @@ def test_every_plugin_config_has_its_baseline(folder, tag, n_pairs):
         assert b.pop("model_name") != bb.pop("model_name")
         b.pop("gab_granularity", None)
         assert b == bb
-        assert b["type"] == "TIMMBackbone" and b["pretrained"] is True and "file" in b["pretrained_cfg_overlay"]
+        assert b["type"] == "LazyPretrainedTIMMBackbone" and b["pretrained"] is True
+        assert "file" in b["pretrained_cfg_overlay"]
         if "relpos" in f:
             assert cfg.model.test_cfg.mode == "slide" and "dynamic_img_size" not in b
         else:
@@ -164,3 +165,70 @@ def test_tiny_train_and_eval_on_ade20k_fixture(folder, name, fixture_root, plain
             assert any(not torch.allclose(s, torch.log(torch.tensor(5.0))) for s in sigmas)
     else:
         assert "backbone.timm_model.model.patch_embed.norm.weight" in keys
+
+
+# The config's backbone type and arguments (pretrained=True from pretrain/<host>.pth), a ViT-Ti host and
+# narrow heads to keep the checkpoint small.
+def _tiny_host(cfg, name):
+    host = "vit_tiny_patch16_gab_224" if "gab" in name else "vit_tiny_patch16_pln_224"
+    cfg.merge_from_dict({"model.backbone.model_name": host, "model.neck.in_channels": [192] * 4,
+                         "model.neck.out_channels": 192, "model.decode_head.in_channels": [192] * 4,
+                         "model.decode_head.channels": 16, "model.auxiliary_head.in_channels": 192,
+                         "model.auxiliary_head.channels": 16})
+    return cfg
+
+
+S16_PLUGINS = [(GAB, "vit-gab_vit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py"),
+               (PLN, "vit-pln_vit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py")]
+
+
+@pytest.mark.parametrize("folder, name", S16_PLUGINS)
+def test_config_builds_for_inference_without_its_pretraining_file(folder, name, tmp_path, monkeypatch):
+    """init_model(<vit-gab cfg>, ckpt) where pretrain/*.pth does not exist: the checkpoint has every weight."""
+    from mmseg.apis import init_model
+
+    monkeypatch.chdir(tmp_path)  # no pretrain/ folder here
+    cfg = _tiny_host(_cfg(folder, name), name)
+    assert cfg.model.backbone.pretrained is True and not os.path.exists(cfg.model.backbone.pretrained_cfg_overlay.file)
+    trained = MODELS.build(cfg.model)
+    ckpt = str(tmp_path / "trained.pth")
+    torch.save({"state_dict": trained.state_dict(), "meta": {}}, ckpt)
+    model = init_model(cfg.copy(), ckpt, device="cpu")
+    for k, v in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("folder, name", S16_PLUGINS)
+def test_training_without_the_pretraining_file_names_it_where_it_comes_from_and_the_way_out(folder, name, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = MODELS.build(_tiny_host(_cfg(folder, name), name).model)
+    with pytest.raises(FileNotFoundError) as err:
+        model.init_weights()  # what mmengine's runner calls when training starts
+    msg = str(err.value)
+    for part in ("'pretrain/vit_small_patch16_224.pth'", "model.backbone.pretrained_cfg_overlay.file",
+                 "timm.create_model('vit_small_patch16_224', pretrained=True)", "--no-pretrained"):
+        assert part in msg, part
+
+
+def test_lazy_backbone_loads_what_mmseg_timm_backbone_loads_and_leaves_the_random_stream(tmp_path):
+    """Same weights as mmseg's TIMMBackbone(pretrained=True) built with the same arguments, same RNG state after."""
+    from mmseg.models.backbones import TIMMBackbone
+
+    torch.manual_seed(1)
+    path = str(tmp_path / "vit_tiny_patch16_224.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), path)
+    args = dict(model_name="vit_tiny_patch16_gab_224", features_only=True, pretrained=True,
+                pretrained_cfg_overlay=dict(file=path), out_indices=(2, 5, 8, 11), img_size=CROP,
+                dynamic_img_size=True, dynamic_img_pad=True)
+    torch.manual_seed(0)
+    reference = TIMMBackbone(**args)
+    rng_after_reference = torch.get_rng_state()
+    torch.manual_seed(0)
+    lazy = MODELS.build(dict(type="LazyPretrainedTIMMBackbone", **args))
+    lazy.init_weights()
+    assert torch.equal(torch.get_rng_state(), rng_after_reference)
+    ref_state = reference.state_dict()
+    assert lazy.state_dict().keys() == ref_state.keys()
+    for k, v in lazy.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k

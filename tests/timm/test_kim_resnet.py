@@ -179,6 +179,22 @@ def test_pretrained_plain_weights_load_through_cfg_overlay(tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("name", ["resnet18_sap", "resnet18d_sap"])
+def test_plain_checkpoint_loads_strictly_by_every_route(name, tmp_path):
+    torch.manual_seed(0)
+    plain_sd = timm.create_model(NAMES[name]).state_dict()
+    path = tmp_path / "plain.pth"
+    torch.save(plain_sd, path)
+    via_path = timm.create_model(name, checkpoint_path=str(path))  # timm train's --initial-checkpoint
+    via_load = timm.create_model(name)
+    result = via_load.load_state_dict(plain_sd)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    for model in (via_path, via_load):
+        assert list(model.state_dict()) == list(plain_sd)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, plain_sd[key]), key
+
+
 def test_fx_feature_extraction_keeps_sap_pools_as_leaves():
     model = timm.create_model("resnet18d_sap", features_only=True, feature_cls="fx")
     assert len(_stochastic(model)) == 3

@@ -4,6 +4,10 @@ Every per-model check runs on small inputs (img_size 32, depth 2) to stay fast;
 the full-size models are checked by construction on the meta device.
 """
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -157,10 +161,11 @@ def test_amplitude_zero_equals_plain_vit_with_zero_mask(granularity):
     """a = 0: the bias is still added (a zero float mask) and the output equals the plain ViT's."""
     torch.manual_seed(0)
     plain = timm.create_model("vit_small_patch16_224", **SMALL).eval()
-    gab = timm.create_model("vit_small_patch16_gab_224", gab_amplitude_init=0.0, gab_granularity=granularity,
-                            **SMALL).eval()
-    missing = gab.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert missing and all(".gab_" in k or k.startswith("gab.") for k in missing)
+    with pytest.warns(UserWarning, match="gab_amplitude_init=0"):  # a = 0 never trains: said at build time
+        gab = timm.create_model("vit_small_patch16_gab_224", gab_amplitude_init=0.0, gab_granularity=granularity,
+                                **SMALL).eval()
+    result = gab.load_state_dict(plain.state_dict())  # strict: σ and a keep their init (a = 0)
+    assert not result.missing_keys and not result.unexpected_keys
     calls = []
     for m in gab.modules():
         if isinstance(m, GaussianAttentionBias):
@@ -182,7 +187,8 @@ def test_amplitude_zero_equals_plain_vit_with_zero_mask(granularity):
 def test_relpos_amplitude_zero_equals_host():
     torch.manual_seed(0)
     host = timm.create_model("vit_relpos_small_patch16_224", **SMALL).eval()
-    gab = timm.create_model("vit_relpos_small_patch16_gab_224", gab_amplitude_init=0.0, **SMALL).eval()
+    with pytest.warns(UserWarning, match="gab_amplitude_init=0"):
+        gab = timm.create_model("vit_relpos_small_patch16_gab_224", gab_amplitude_init=0.0, **SMALL).eval()
     gab.load_state_dict(host.state_dict(), strict=False)
     x = _x()
     with torch.no_grad():
@@ -357,6 +363,94 @@ def test_wrong_checkpoint_still_fails(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
 
 
+def _plain_checkpoint(name, tmp_path):
+    torch.manual_seed(1)
+    host = timm.create_model(HOSTS[name], **SMALL)
+    path = tmp_path / "plain.pth"
+    torch.save(host.state_dict(), path)
+    return host.state_dict(), path
+
+
+def _assert_plain_weights_and_plugin_init(model, plain_sd, name):
+    state = model.state_dict()
+    for key, value in plain_sd.items():
+        if key not in state:  # the bias-free PLN projection drops the host's projection bias
+            assert key == "patch_embed.proj.bias" and "pln" in name, key
+            continue
+        assert torch.equal(state[key], value), key
+    fresh = timm.create_model(name, **SMALL).state_dict()
+    new = {k for k in state if k not in plain_sd}
+    assert new == set(fresh) - set(plain_sd) and new
+    for key in new:  # σ, a, the PLN norm: their initial values
+        assert torch.equal(state[key], fresh[key]), key
+
+
+PLAIN_LOAD_NAMES = ["vit_small_patch16_gab_224", "vit_small_patch16_pln_224", "vit_small_patch16_gab_pln_224",
+                    "vit_relpos_small_patch16_gab_224"]
+
+
+@pytest.mark.parametrize("name", PLAIN_LOAD_NAMES)
+def test_plain_checkpoint_loads_strictly_with_load_state_dict(name, tmp_path, caplog):
+    plain_sd, _ = _plain_checkpoint(name, tmp_path)
+    torch.manual_seed(2)
+    model = _small(name)
+    with caplog.at_level("INFO", logger="kim_plugins"):
+        result = model.load_state_dict(plain_sd)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    _assert_plain_weights_and_plugin_init(model, plain_sd, name)
+    said = [r.getMessage() for r in caplog.records if "keep their current values" in r.getMessage()]
+    assert len(said) == 1  # one line per load, not one per block
+
+
+@pytest.mark.parametrize("name", PLAIN_LOAD_NAMES)
+def test_plain_checkpoint_loads_through_create_model_checkpoint_path(name, tmp_path):
+    plain_sd, path = _plain_checkpoint(name, tmp_path)
+    model = timm.create_model(name, checkpoint_path=str(path), **SMALL)  # timm train's --initial-checkpoint
+    _assert_plain_weights_and_plugin_init(model, plain_sd, name)
+
+
+@pytest.mark.parametrize("granularity", ["head", "network"])
+def test_plain_checkpoint_loads_for_every_granularity(granularity, tmp_path):
+    plain_sd, _ = _plain_checkpoint("vit_small_patch16_gab_224", tmp_path)
+    model = _small("vit_small_patch16_gab_224", gab_granularity=granularity)
+    model.load_state_dict(plain_sd)
+    assert all(torch.all(m.gab_amplitude == 1.0) for m in model.modules() if isinstance(m, GaussianAttentionBias))
+
+
+def test_wrong_checkpoints_still_fail_by_load_state_dict(tmp_path):
+    plain_sd, _ = _plain_checkpoint("vit_small_patch16_gab_pln_224", tmp_path)
+    model = _small("vit_small_patch16_gab_pln_224")
+    broken = dict(plain_sd)
+    del broken["blocks.0.attn.qkv.weight"]  # a host key: still missing
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*blocks\.0\.attn\.qkv\.weight"):
+        model.load_state_dict(broken)
+    # a module present in part is a broken checkpoint, not a plain one: its absent key stays missing
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.1.gab.")}
+    half = dict(plain_sd, **dict(list(own.items())[:1]))
+    with pytest.raises(RuntimeError, match=list(own)[1].replace(".", r"\.")):
+        model.load_state_dict(half)
+    half_norm = dict(plain_sd, **{"patch_embed.norm.weight": torch.ones(model.embed_dim)})
+    with pytest.raises(RuntimeError, match=r"patch_embed\.norm\.bias"):
+        model.load_state_dict(half_norm)
+    # a checkpoint of the other granularity: its keys are unexpected
+    other = _small("vit_small_patch16_gab_224", gab_granularity="network").state_dict()
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*gab\."):
+        model.load_state_dict(dict(plain_sd, **{k: v for k, v in other.items() if k.startswith("gab.")}))
+
+
+def test_plugin_checkpoint_round_trips(tmp_path):
+    model = _small("vit_small_patch16_gab_pln_224")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GaussianAttentionBias):
+                m.gab_amplitude.fill_(0.25)
+        model.patch_embed.norm.bias.fill_(0.5)
+    other = _small("vit_small_patch16_gab_pln_224")
+    other.load_state_dict(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
 class TestBadInput:
     def test_image_not_divisible_by_patch(self):
         model = _small("vit_small_patch16_gab_224", dynamic_img_size=True).eval()
@@ -422,3 +516,17 @@ def test_training_attention_paths_agree(name, kwargs):
     # the last block only feeds the class token, whose bias row is zero: its σ, a get no gradient by design
     gab_grads = [g for n, g in grads[0][1].items() if n.startswith("blocks.0.") and "gab_" in n]
     assert len(gab_grads) == 2 and all(g.abs().sum() > 0 for g in gab_grads)
+
+
+def test_docs_timm_script_snippet_runs_in_a_fresh_interpreter():
+    """The 'From a timm script' block of docs/vit_plugins.md, verbatim, in a new process (nothing pre-imported)."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    doc = open(os.path.join(root, "docs", "vit_plugins.md")).read()
+    block = re.search(r"## From a timm script\n\n```python\n(.*?)```", doc, re.S).group(1)
+    assert "create_optimizer_v2" in block
+    # the models on the meta device: the snippet's imports and calls are what is checked, not the init
+    code = "import torch\ntorch.set_default_device('meta')\n" + block
+    code += "\nassert len(optimizer.param_groups) == 2\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

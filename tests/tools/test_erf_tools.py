@@ -13,10 +13,12 @@ UNET_RA = os.path.join(CONFIGS, "unet-s5-d16_deeplabv3-ra_4xb4-40k_stare-128x128
 
 
 def _tool(name):
+    """Load ``tools/<name>.py`` as a module (the tools folder on the path: atrous_rates imports erf)."""
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
     spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -28,6 +30,38 @@ def test_erf_tool_timm(tmp_path):
     assert nums["weights"].startswith("untrained") and nums["input_size"] == [64, 64]
     assert nums["num_images"] == 2 and 1 <= nums["side_50"] <= nums["side_90"]
     assert os.path.getsize(out["png"]) > 5000
+
+
+@pytest.mark.parametrize("name, host", [("vit_tiny_patch16_gab_224", "vit_tiny_patch16_224"),
+                                        ("vit_tiny_patch16_pln_224", "vit_tiny_patch16_224"),
+                                        ("resnet18d_sap", "resnet18d")])
+def test_erf_tool_timm_plugin_with_plain_checkpoint(name, host, tmp_path):
+    import timm
+    import torch
+
+    import kim_plugins  # noqa: F401
+    vit = name.startswith("vit")
+    kwargs = dict(img_size=48, depth=2) if vit else {}
+    path = tmp_path / "plain.pth"
+    torch.save(timm.create_model(host, **kwargs).state_dict(), path)
+    args = [name, "--checkpoint", str(path), "--size", "48", "--num-images", "2", "--batch-size", "2",
+            "--out-dir", str(tmp_path)]
+    if vit:  # --size builds the fixed-size ViT for 48 px; --model-kwargs passes the rest to create_model
+        args += ["--model-kwargs", json.dumps(dict(depth=2))]
+    nums = json.load(open(_tool("erf").main(args)["json"]))
+    assert nums["input_size"] == [48, 48] and nums["weights"] == f"checkpoint {path}"
+
+
+def test_erf_tool_vit_size_and_model_kwargs(tmp_path):
+    erf = _tool("erf")
+    model = erf.load_timm("vit_tiny_patch16_gab_224", model_kwargs=dict(depth=1, gab_sigma_init=3.0), size=(96, 64))
+    assert model.patch_embed.img_size == (96, 64) and len(model.blocks) == 1
+    assert float(model.blocks[0].gab.sigma.detach()) == pytest.approx(3.0)
+    out = erf.main(["vit_tiny_patch16_gab_224", "--model-kwargs", '{"img_size": 32, "depth": 1}',
+                    "--num-images", "1", "--batch-size", "1", "--out-dir", str(tmp_path)])
+    assert json.load(open(out["json"]))["input_size"] == [32, 32]
+    with pytest.raises(SystemExit, match="--cfg-options"):
+        erf.main([UNET_RA, "--model-kwargs", '{"depth": 1}', "--out-dir", str(tmp_path)])
 
 
 def test_erf_tool_images_folder(tmp_path):
@@ -90,3 +124,17 @@ def test_atrous_rates_search(tmp_path):
     assert s["weights"].startswith("untrained")
     for p in out["paths"].values():
         assert os.path.getsize(p) > 0
+
+
+def test_erf_tool_names_the_command_line_spelling_of_allow_uncalibrated(tmp_path):
+    """An untrained scale-equalizer config: the error gives --checkpoint and the --cfg-options spelling."""
+    smoke = os.path.join(ROOT, "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
+    cfg = tmp_path / "se_smoke.py"
+    cfg.write_text(f"_base_ = [{os.path.abspath(smoke)!r}]\n"
+                   "model = dict(decode_head=dict(_delete_=True, type='SEASPPHead', in_channels=64, in_index=3, "
+                   "channels=8, dilations=(1, 2), num_classes=2, norm_cfg=dict(type='BN'), align_corners=False))\n")
+    args = [str(cfg), "--num-images", "1", "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"--checkpoint.*--cfg-options model\.decode_head\.allow_uncalibrated=True"):
+        _tool("erf").main(args)
+    out = _tool("erf").main(args + ["--cfg-options", "model.decode_head.allow_uncalibrated=True"])
+    assert json.load(open(out["json"]))["num_images"] == 1

@@ -49,13 +49,23 @@ def _val_metrics(wd):
     return [x for x in lines if "loss" not in x][-1]
 
 
-def test_test_tool_refuses_runner_checkpoint_without_trust_flag(runs, fixture_root):
+def test_test_tool_refuses_an_old_style_runner_checkpoint_without_trust_flag(runs, fixture_root, tmp_path):
+    import torch
+
+    from kim_plugins.mmseg.weights_only import from_weights_only
+
     _, work = runs
     wd = work[BASE_NAME, 0]
+    old_style = str(tmp_path / "iter_1_old_style.pth")  # as mmengine writes it without kim_plugins
+    torch.save(from_weights_only(torch.load(os.path.join(wd, "iter_1.pth"), weights_only=True)), old_style)
     test = load_tool("test")
     with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint"):
-        test.main([SMOKE, os.path.join(wd, "iter_1.pth"), "--work-dir", os.path.join(wd, "untrusted"),
+        test.main([SMOKE, old_style, "--work-dir", str(tmp_path / "untrusted"),
                    "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
+    # the checkpoint tools/train.py wrote needs no flag
+    metrics = test.main([SMOKE, os.path.join(wd, "iter_1.pth"), "--work-dir", str(tmp_path / "own"),
+                         "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
+    assert set(metrics) >= {"aAcc", "mDice"}
 
 
 def test_train_test_summarize_table_from_real_outputs(runs, fixture_root, tmp_path):
@@ -117,7 +127,7 @@ def test_train_cli_flags_build_the_config_mmseg_would_run(fixture_root, tmp_path
                             "convnext-tiny-timm_upernet_8xb2-amp-160k_ade20k-512x512.py")
     args = train.parse_args([convnext, "--no-pretrained", "--resume"])
     cfg = train.build_config(args)
-    assert cfg.model.backbone.type == "TIMMBackbone"
+    assert cfg.model.backbone.type == "LazyPretrainedTIMMBackbone"
     assert cfg.model.backbone.pretrained is False and "checkpoint_path" not in cfg.model.backbone
     assert cfg.resume is True and cfg.launcher == "none"
     assert cfg.work_dir == os.path.join("./work_dirs", os.path.basename(convnext)[:-3])
