@@ -2,8 +2,8 @@
 """Resolution-aware atrous rates: print the rule's rates, or search r_max by ERF coverage.
 
 The rule ([decision], kim_plugins.layers.atrous, arXiv 2307.14179):
-F = ceil(min(H, W) / OS), r_max = max(1, floor(kappa * F)), ladder
-r_0 = 1, r_i = round(r_max * i / (n - 1)).
+F = ceil(min(H, W) / OS), r_max = max(1, min(floor(kappa * F), floor((F - 1) / 2))),
+ladder r_0 = 1, r_i = round(r_max * i / (n - 1)); kappa in (0, 0.5].
 
 Examples::
 
@@ -19,7 +19,10 @@ exceeds ``--threshold`` (1 %) of its maximum; the score of an r_max is the mean
 coverage over a ``--grid`` x ``--grid`` grid of output positions at the cell
 centres (not only the centre pixel, whose optimum kappa = 0.5 fixes by
 construction). Weights are whatever the config / checkpoint gives: without a
-checkpoint the model is untrained, and the results are labelled so.
+checkpoint the model is untrained, and the results are labelled so. Candidates
+above floor((F - 1) / 2) (degenerate branches, which the rule never builds) are
+measured too and flagged; the best non-degenerate r_max is reported beside the
+overall best.
 
 ``--search-size S`` searches at a reduced input S (the rule is scale invariant:
 at input size s * crop it prescribes s * r_max, so the found r_max is scaled back
@@ -47,7 +50,8 @@ try:  # run from a source checkout without installing
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kim_plugins.layers.atrous import normalize_crop_size, rate_ladder, resolution_aware_rates  # noqa: E402
+from kim_plugins.layers.atrous import (feature_size, max_nondegenerate_rate, normalize_crop_size,  # noqa: E402
+                                       rate_ladder, resolution_aware_rates)
 
 
 def _valid(rates: Sequence[int]) -> bool:
@@ -103,9 +107,6 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
     from erf import dataset_fixture_name, fixture_files, image_files, load_images, load_segmentor, \
         segmentor_norm
 
-    from kim_plugins.layers.erf import erf_coverage, erf_maps, grid_positions
-    from kim_plugins.mmseg.ra_aspp_heads import set_aspp_dilations
-
     model, cfg = load_segmentor(args.config, args.checkpoint, args.cfg_options, trust=args.trust_checkpoint)
     rows = config_rates(cfg, args.num_rates, args.kappa)
     info = rows[0]
@@ -138,39 +139,79 @@ def search(args: argparse.Namespace) -> Dict[str, Any]:
             files = fixture_files(fixture, args.num_images, size, tmp)
             source = f"synthetic dataset fixture '{fixture}' (smooth random colour fields)"
         images = load_images(files, size, mean, std, pix_scale)
-    positions = grid_positions(args.grid)
-    results = []
-    t0 = time.perf_counter()
-    from mmengine.utils import ProgressBar
-    bar = ProgressBar(len(candidates))
-    for r in candidates:
-        rates = set_aspp_dilations(head, rate_ladder(r, n))
-        maps = erf_maps(model, images, positions=positions, batch_size=args.batch_size)
-        cov = erf_coverage(maps, threshold=args.threshold)
-        centre = erf_maps(model, images, positions=[(0.5, 0.5)], batch_size=args.batch_size) \
-            if args.grid % 2 == 0 else maps[len(positions) // 2][None]
-        extra = {f"coverage@{t:g}": float(erf_coverage(maps, threshold=t).mean()) for t in args.also_thresholds}
-        results.append(dict(r_max=r, rates=list(rates), coverage=float(cov.mean()),
-                            coverage_min=float(cov.min()), coverage_max=float(cov.max()),
-                            centre_coverage=float(erf_coverage(centre[0], threshold=args.threshold)), **extra))
-        bar.update()
-    print()
-    best = max(results, key=lambda d: (d["coverage"], -d["r_max"]))
-    best_centre = max(results, key=lambda d: (d["centre_coverage"], -d["r_max"]))
-    rule_r = rule_here[-1]
-    step = rule_r / (n - 1)
-    best_at = {f"coverage@{t:g}": max(results, key=lambda d, k=f"coverage@{t:g}": (d[k], -d["r_max"]))["r_max"]
-               for t in args.also_thresholds}
-    agree = abs(best["r_max"] - rule_r) <= step
     out = dict(config=args.config, weights=f"checkpoint {args.checkpoint}" if args.checkpoint else
                "untrained (random initialisation)", images=source, num_images=len(files),
                crop_size=list(crop), search_size=list(size), output_stride=stride, num_rates=n, kappa=kappa,
-               grid=args.grid, threshold=args.threshold, rule_rates_full=list(rule_full),
-               rule_rates_at_search_size=list(rule_here), search_best_r_max=best["r_max"],
-               search_best_rates=best["rates"], search_best_r_max_scaled_to_crop=round(best["r_max"] / scale, 1),
-               centre_only_best_r_max=best_centre["r_max"], best_r_max_at_other_thresholds=best_at,
-               ladder_step=step, agree_within_one_step=agree,
-               seconds=round(time.perf_counter() - t0, 1), results=results)
+               rule_rates_full=list(rule_full), rule_rates_at_search_size=list(rule_here))
+    out.update(sweep_r_max(model, images, candidates, n, stride, grid=args.grid, threshold=args.threshold,
+                           also_thresholds=args.also_thresholds, batch_size=args.batch_size,
+                           rule_r_max=rule_here[-1]))
+    out["search_best_r_max_scaled_to_crop"] = round(out["search_best_r_max"] / scale, 1)
+    return out
+
+
+def sweep_r_max(model: torch.nn.Module, images: torch.Tensor, candidates: Sequence[int], num_rates: int,
+                output_stride: int, grid: int = 3, threshold: float = 0.01, also_thresholds: Sequence[float] = (),
+                batch_size: int = 9, rule_r_max: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
+    """ERF coverage of the segmentor for the rule's ladder of every candidate r_max, on one set of weights.
+
+    The ASPP decode head's rates are set in place (:func:`set_aspp_dilations`)
+    for each candidate and restored afterwards. The ERF target is
+    :func:`kim_plugins.layers.erf.erf_maps`'s default (the decoder features
+    before ``conv_seg``).
+
+    Returns:
+        ``results`` (one row per candidate: coverage mean / min / max over the
+        ``grid`` x ``grid`` positions, centre-only coverage, coverage at the
+        other thresholds, ``non_degenerate``), the best r_max overall, among
+        non-degenerate candidates, for the centre alone and at the other
+        thresholds, and, given ``rule_r_max``, whether the search agrees with
+        the rule within one ladder step (rule r_max / (n - 1)).
+    """
+    from kim_plugins.layers.erf import erf_coverage, erf_maps, grid_positions
+    from kim_plugins.mmseg.ra_aspp_heads import set_aspp_dilations
+
+    head = model.decode_head
+    original = tuple(head.dilations)
+    bound = max_nondegenerate_rate(feature_size(tuple(images.shape[-2:]), output_stride))
+    positions = grid_positions(grid)
+    results = []
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from mmengine.utils import ProgressBar
+        bar = ProgressBar(len(candidates))
+    try:
+        for r in candidates:
+            rates = set_aspp_dilations(head, rate_ladder(r, num_rates))
+            maps = erf_maps(model, images, positions=positions, batch_size=batch_size)
+            cov = erf_coverage(maps, threshold=threshold)
+            centre = erf_maps(model, images, positions=[(0.5, 0.5)], batch_size=batch_size) \
+                if grid % 2 == 0 else maps[len(positions) // 2][None]
+            extra = {f"coverage@{t:g}": float(erf_coverage(maps, threshold=t).mean()) for t in also_thresholds}
+            results.append(dict(r_max=r, rates=list(rates), non_degenerate=r <= bound, coverage=float(cov.mean()),
+                                coverage_min=float(cov.min()), coverage_max=float(cov.max()),
+                                centre_coverage=float(erf_coverage(centre[0], threshold=threshold)), **extra))
+            if bar is not None:
+                bar.update()
+    finally:
+        set_aspp_dilations(head, original)
+    if bar is not None:
+        print()
+
+    def best(rows: Sequence[Dict[str, Any]], key: str = "coverage") -> Optional[int]:
+        return max(rows, key=lambda d: (d[key], -d["r_max"]))["r_max"] if rows else None
+
+    out: Dict[str, Any] = dict(
+        grid=grid, threshold=threshold, max_nondegenerate_r=bound, search_best_r_max=best(results),
+        search_best_r_max_non_degenerate=best([d for d in results if d["non_degenerate"]]),
+        centre_only_best_r_max=best(results, "centre_coverage"),
+        best_r_max_at_other_thresholds={f"coverage@{t:g}": best(results, f"coverage@{t:g}") for t in also_thresholds},
+        seconds=round(time.perf_counter() - t0, 1), results=results)
+    out["search_best_rates"] = rate_ladder(out["search_best_r_max"], num_rates)
+    if rule_r_max is not None:
+        out["ladder_step"] = rule_r_max / (num_rates - 1)
+        out["agree_within_one_step"] = abs(out["search_best_r_max"] - rule_r_max) <= out["ladder_step"]
     return out
 
 
@@ -200,13 +241,17 @@ def write_search(out: Dict[str, Any], out_dir: str, name: str) -> Dict[str, str]
     ax.plot(rs, [d["centre_coverage"] for d in res], "--", lw=1, label="centre position only")
     ax.axvline(rule_r, color="k", lw=1, label=f"rule r_max={rule_r}")
     ax.axvline(out["search_best_r_max"], color="r", lw=1, ls=":", label=f"search r_max={out['search_best_r_max']}")
+    if any(not d["non_degenerate"] for d in res):
+        ax.axvspan(out["max_nondegenerate_r"] + 0.5, max(rs) + 0.5, color="0.85", zorder=0,
+                   label=f"degenerate (r > floor((F-1)/2) = {out['max_nondegenerate_r']})")
     ax.set_xlabel(f"r_max at input {out['search_size'][0]}x{out['search_size'][1]} (OS {out['output_stride']})")
     ax.set_ylabel(f"ERF coverage (> {out['threshold']:.0%} of max)")
     ax.set_title(f"{name}\n{out['weights']}", fontsize=8)
     ax.legend(fontsize=7)
     fig.savefig(stem + ".png", dpi=110)
     plt.close(fig)
-    table = format_table([dict(r_max=d["r_max"], rates=str(tuple(d["rates"])), coverage=d["coverage"],
+    table = format_table([dict(r_max=d["r_max"], rates=str(tuple(d["rates"])), non_degenerate=d["non_degenerate"],
+                               coverage=d["coverage"],
                                coverage_min=d["coverage_min"], coverage_max=d["coverage_max"],
                                centre_coverage=d["centre_coverage"],
                                **{k: v for k, v in d.items() if k.startswith("coverage@")}) for d in res])

@@ -3,9 +3,11 @@
 
 The ERF (METHODS.md §6; Luo et al. arXiv 1701.04128 as used in arXiv 2307.14179
 and 2305.04722) is the gradient of the centre output unit (centre of the last
-feature map for a classifier, centre pixel of the logits for a segmentor) with
-respect to the input, RGB-averaged, clipped at 0, accumulated over images and
-normalised; computed batched in eval mode (:mod:`kim_plugins.layers.erf`).
+feature map for a classifier; a ViT's patch tokens after the final norm; for a
+segmentor the centre pixel of the decoder's features before ``conv_seg``, or of
+the logits with ``--target logits``) with respect to the input, RGB-averaged,
+clipped at 0, accumulated over images and normalised; computed batched in eval
+mode (:mod:`kim_plugins.layers.erf`).
 
 Examples::
 
@@ -229,7 +231,8 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
             raise SystemExit(f"{args.model}: no crop_size in the config; pass --size H W")
         mean, std, scale = segmentor_norm(cfg)
         fixture = args.fixture or dataset_fixture_name(cfg)
-        kind = "mmseg segmentor (centre pixel of the logits)"
+        kind = ("mmseg segmentor (centre pixel of the logits)" if args.target == "logits" else
+                "mmseg segmentor (centre pixel of the decoder features before conv_seg)")
     else:
         model_kwargs = json.loads(args.model_kwargs)
         if not isinstance(model_kwargs, dict):
@@ -243,7 +246,9 @@ def prepare(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
         mean, std, scale = list(pcfg.get("mean", (0.485, 0.456, 0.406))), \
             list(pcfg.get("std", (0.229, 0.224, 0.225))), 1.0
         fixture = args.fixture or "ade20k"
-        kind = "timm classifier (centre of the last feature map)"
+        from kim_plugins.layers.erf import _is_vit
+        kind = ("timm vision transformer (centre patch token after the final norm)" if _is_vit(model) else
+                "timm classifier (centre of the last feature map)")
     if args.images:
         files = image_files(args.images)[:args.num_images]
         source = f"folder {args.images}"
@@ -308,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON dict of timm.create_model kwargs, e.g. '{\"depth\": 4}' (timm models; mmseg configs "
                         "take --cfg-options)")
     p.add_argument("--batch-size", type=int, default=4, help="images per backward (default 4)")
+    p.add_argument("--target", default="auto", choices=("auto", "decoder", "logits", "tokens", "features"),
+                   help="output unit: auto = decoder features before conv_seg for a segmentor, patch tokens after "
+                        "the final norm for a ViT, last feature map otherwise; logits = a segmentor's class-mean "
+                        "logits (see kim_plugins.layers.erf)")
     p.add_argument("--position", type=float, nargs=2, default=(0.5, 0.5), metavar=("FY", "FX"),
                    help="fractional position of the output unit (default: centre 0.5 0.5)")
     p.add_argument("--out-dir", default="work_dirs/erf", help="output folder (default work_dirs/erf)")
@@ -363,8 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.model = model
         with tempfile.TemporaryDirectory() as tmp:
             setup = prepare(args, tmp)
-        res = effective_receptive_field(setup["model"], setup["images"], position=tuple(args.position),
-                                        batch_size=args.batch_size, progress=True)
+        res = effective_receptive_field(setup["model"], setup["images"], target=args.target,
+                                        position=tuple(args.position), batch_size=args.batch_size, progress=True)
         name = args.name if args.name and len(args.models) == 1 else os.path.splitext(os.path.basename(model))[0]
         numbers = res.numbers()
         numbers.update(model=model, kind=setup["kind"], weights=setup["weights"], images=setup["source"],

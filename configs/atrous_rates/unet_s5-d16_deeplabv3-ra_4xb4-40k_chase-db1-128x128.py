@@ -2,7 +2,7 @@
 # dilations='auto' -> resolution_aware_rates(crop_size, output_stride).
 # The ASPP head of mmseg's UNet-S5-D16 + ASPP reads the full-resolution
 # decoder output (in_index=4): output_stride=1, not 8 or 16.
-# At crop 128x128 this gives (1, 21, 43, 64) (baseline: (1, 12, 24, 36)).
+# At crop 128x128 this gives (1, 21, 42, 63) (baseline: (1, 12, 24, 36)).
 _base_ = ['./unet_s5-d16_deeplabv3_4xb4-40k_chase-db1-128x128.py']
 crop_size = (128, 128)
 model = dict(

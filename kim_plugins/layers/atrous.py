@@ -10,12 +10,26 @@ pixels), and the optimal rate has to be set from the input image size.
 
 [decision] The closed form was not available to us. The rule implemented here:
 with the feature size ``F = ceil(min(H, W) / OS)`` of the crop that the head
-sees, ``r_max = max(1, floor(kappa * F))`` (``kappa = 0.5``: the outermost taps
-of the centre pixel reach the image border), and the ladder keeps the shape of
+sees, ``r_max = max(1, min(floor(kappa * F), floor((F - 1) / 2)))``
+(``kappa = 0.5``: the outermost taps of the centre pixel reach the image
+border; ``kappa`` must lie in (0, 0.5]), and the ladder keeps the shape of
 the reference ladder ``(1, 12, 24, 36)`` scaled to ``r_max``: ``r_0 = 1`` and
 ``r_i = round(r_max * i / (n - 1))`` for ``i = 1 .. n-1`` (rounding half up).
 The ladder must be strictly increasing; a feature map too small for
 ``num_rates`` distinct rates is an error.
+
+Non-degenerate branches: a 3x3 convolution of rate ``r`` has a position whose
+taps ``y - r, y, y + r`` all fall inside an ``F``-pixel axis only if
+``2r <= F - 1``, i.e. ``r <= floor((F - 1) / 2)`` (:func:`max_nondegenerate_rate`).
+A larger rate leaves a branch of which no output sees its full 3x3 kernel —
+the degenerate case DeepLabV3 (Chen et al., arXiv 1706.05587, section 3.3)
+warns about. The rule never exceeds that bound (for an even ``F`` and
+``kappa = 0.5``, ``floor(F/2)`` would be one too many), and
+:func:`resolve_dilations` warns about any explicit rate beyond it, naming the
+rate, the feature size and the rule's suggestion. ASPP's rate-1 branch is a
+1x1 convolution in mmseg, so rate 1 is never degenerate. The bound uses the
+shorter side of a non-square crop, the only side for which every branch stays
+non-degenerate along both axes.
 
 ``output_stride`` is the stride of the feature map the ASPP head actually
 sees: 8 for the ResNet-D8 DeepLabV3 configs, but 1 for mmseg's UNet-S5-D16 +
@@ -29,6 +43,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,6 +52,10 @@ __all__ = [
     "REFERENCE_RATES",
     "resolution_aware_rates",
     "rate_ladder",
+    "feature_size",
+    "max_nondegenerate_rate",
+    "degenerate_rates",
+    "DegenerateRateWarning",
     "resolve_dilations",
     "measure_output_stride",
     "normalize_crop_size",
@@ -83,6 +102,56 @@ def _check_output_stride(output_stride: object) -> int:
     return int(output_stride)
 
 
+class DegenerateRateWarning(UserWarning):
+    """An atrous rate leaves a 3x3 branch with no position whose taps all fall inside the feature map."""
+
+
+def feature_size(crop_size: CropSize, output_stride: int) -> int:
+    """``F = ceil(min(H, W) / output_stride)``: the shorter side of the feature map the head sees."""
+    hw = normalize_crop_size(crop_size)
+    return math.ceil(min(hw) / _check_output_stride(output_stride))
+
+
+def max_nondegenerate_rate(feat: int) -> int:
+    """The largest rate ``r = floor((F - 1) / 2)`` whose 3x3 taps all fit, at some position, in ``F`` pixels.
+
+    Taps ``y - r, y, y + r`` lie in ``[0, F - 1]`` for some ``y`` iff ``2r <= F - 1``.
+    """
+    if isinstance(feat, bool) or not isinstance(feat, numbers.Integral) or feat < 1:
+        raise ValueError(f"feature size must be an int >= 1, got {feat!r}")
+    return (int(feat) - 1) // 2
+
+
+def degenerate_rates(dilations: Sequence[int], crop_size: CropSize, output_stride: int) -> Tuple[int, ...]:
+    """The rates (> 1) of ``dilations`` above :func:`max_nondegenerate_rate` of the crop's feature map.
+
+    Rate 1 is ASPP's 1x1 branch in mmseg and never degenerate.
+    """
+    bound = max_nondegenerate_rate(feature_size(crop_size, output_stride))
+    return tuple(int(d) for d in dilations if d > 1 and d > bound)
+
+
+def _check_kappa(kappa: object) -> float:
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) \
+            or not 0 < kappa <= 0.5:
+        raise ValueError(f"kappa must be a number in (0, 0.5], got {kappa!r}: the largest rate reaches kappa * F "
+                         f"of the F-pixel feature map, and above 0.5 the centre position's outer taps leave the map "
+                         f"(use explicit dilations for larger rates)")
+    return float(kappa)
+
+
+def _suggestion(crop_size: CropSize, output_stride: int, num_rates: int, kappa: float) -> str:
+    """The rule's rates for the crop, or the longest ladder the feature map allows."""
+    for n in range(int(num_rates), 1, -1):
+        try:
+            rates = resolution_aware_rates(crop_size, output_stride, num_rates=n, kappa=kappa)
+        except ValueError:
+            continue
+        return (f"dilations={rates}" if n == num_rates else
+                f"dilations={rates} (the map is too small for {num_rates} distinct rates)")
+    return "rate 1 only (the map is too small for any dilated 3x3 branch)"
+
+
 def rate_ladder(r_max: int, num_rates: int = 4) -> Tuple[int, ...]:
     """The rule's ladder for a given largest rate: ``(1, round(r_max * i / (n - 1)) for i = 1 .. n-1)``.
 
@@ -101,40 +170,42 @@ def resolution_aware_rates(crop_size: CropSize, output_stride: int, num_rates: i
                            kappa: float = 0.5) -> Tuple[int, ...]:
     """Atrous rates for an ASPP head from the training crop and the feature stride.
 
-    ``F = ceil(min(H, W) / output_stride)``, ``r_max = max(1, floor(kappa * F))``,
-    ``r_0 = 1``, ``r_i = round(r_max * i / (num_rates - 1))`` (half up). This is
-    the project's reading of arXiv 2307.14179 ([decision], see the module
-    docstring). Scaling ``crop_size`` and ``output_stride`` by the same integer
-    leaves the rates unchanged.
+    ``F = ceil(min(H, W) / output_stride)``,
+    ``r_max = max(1, min(floor(kappa * F), floor((F - 1) / 2)))``, ``r_0 = 1``,
+    ``r_i = round(r_max * i / (num_rates - 1))`` (half up). This is the
+    project's reading of arXiv 2307.14179 ([decision], see the module
+    docstring). Every rate satisfies ``r <= floor((F - 1) / 2)``: no branch is
+    degenerate (some position sees all its 3x3 taps inside the map). Scaling
+    ``crop_size`` and ``output_stride`` by the same integer leaves the rates
+    unchanged.
 
     Examples:
-        >>> resolution_aware_rates((512, 1024), 8)    # Cityscapes, R-101-D8
-        (1, 11, 21, 32)
-        >>> resolution_aware_rates(128, 1)            # STARE, UNet-S5-D16 + ASPP
-        (1, 21, 43, 64)
+        >>> resolution_aware_rates((512, 1024), 8)    # Cityscapes, R-101-D8: F = 64, r_max = 31
+        (1, 10, 21, 31)
+        >>> resolution_aware_rates(128, 1)            # STARE, UNet-S5-D16 + ASPP: F = 128, r_max = 63
+        (1, 21, 42, 63)
 
     Args:
         crop_size: Training crop, an int or ``(H, W)``.
         output_stride: Stride of the feature map the ASPP head sees, relative
             to the crop (8 for ResNet-D8, 1 for mmseg's UNet + ASPP).
         num_rates: Number of ASPP branches (length of the ladder), >= 2.
-        kappa: Fraction of the feature size reached by the largest rate, > 0.
+        kappa: Fraction of the feature size reached by the largest rate, in (0, 0.5].
 
     Returns:
-        A strictly increasing tuple of ``num_rates`` ints starting at 1.
+        A strictly increasing tuple of ``num_rates`` ints starting at 1, each
+        at most ``floor((F - 1) / 2)`` (rate 1 excepted: a 1x1 branch).
 
     Raises:
-        ValueError: non-positive sizes, ``num_rates < 2``, ``kappa <= 0``, or a
-            feature map too small for ``num_rates`` distinct rates (the message
-            names the crop size and output stride).
+        ValueError: non-positive sizes, ``num_rates < 2``, ``kappa`` outside
+            (0, 0.5], or a feature map too small for ``num_rates`` distinct
+            rates (the message names the crop size and output stride).
     """
-    hw = normalize_crop_size(crop_size)
     stride = _check_output_stride(output_stride)
+    feat = feature_size(crop_size, stride)
     rate_ladder(1, num_rates)  # validates num_rates
-    if not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) or kappa <= 0:
-        raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}")
-    feat = math.ceil(min(hw) / stride)
-    r_max = max(1, math.floor(kappa * feat))
+    kappa = _check_kappa(kappa)
+    r_max = max(1, min(math.floor(kappa * feat), max_nondegenerate_rate(feat)))
     n = int(num_rates)
     rates = rate_ladder(r_max, n)
     if any(b <= a for a, b in zip(rates, rates[1:])):
@@ -152,7 +223,11 @@ def resolve_dilations(dilations: Union[str, Sequence[int]], crop_size: Optional[
 
     Explicit dilations are returned unchanged (as a tuple); ``'auto'`` is
     replaced by :func:`resolution_aware_rates`. This is the single resolver
-    every resolution-aware head uses.
+    every resolution-aware head uses. When ``crop_size`` and an int
+    ``output_stride`` are known, an explicit rate above
+    ``floor((F - 1) / 2)`` (a degenerate branch, see the module docstring)
+    gets a :class:`DegenerateRateWarning` naming the rate, the feature size
+    and the rule's suggestion.
 
     Args:
         dilations: ``'auto'`` or a sequence of positive ints.
@@ -167,8 +242,10 @@ def resolve_dilations(dilations: Union[str, Sequence[int]], crop_size: Optional[
 
     Raises:
         ValueError: unknown string, missing ``crop_size``/``output_stride`` for
-            ``'auto'``, or non-positive / non-integer explicit rates.
+            ``'auto'``, ``kappa`` outside (0, 0.5], or non-positive /
+            non-integer explicit rates.
     """
+    kappa = _check_kappa(kappa)
     if isinstance(dilations, str):
         if dilations != "auto":
             raise ValueError(f"dilations must be 'auto' or a tuple of ints, got {dilations!r}")
@@ -183,7 +260,20 @@ def resolve_dilations(dilations: Union[str, Sequence[int]], crop_size: Optional[
     if not dilations or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0
                                 for d in dilations):
         raise ValueError(f"dilations must be 'auto' or a non-empty tuple of positive ints, got {dilations!r}")
-    return tuple(int(d) for d in dilations)
+    rates = tuple(int(d) for d in dilations)
+    known = (crop_size is not None and isinstance(output_stride, numbers.Integral)
+             and not isinstance(output_stride, bool))
+    bad = degenerate_rates(rates, crop_size, output_stride) if known else ()
+    if bad:
+        feat = feature_size(crop_size, output_stride)
+        warnings.warn(
+            f"dilations={rates}: rate{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} > "
+            f"floor((F - 1) / 2) = {max_nondegenerate_rate(feat)} for the F={feat}-pixel feature map "
+            f"(crop_size={crop_size!r}, output_stride={output_stride}): no position sees all the 3x3 taps of "
+            f"{'these branches' if len(bad) > 1 else 'this branch'} (degenerate). The rule (dilations='auto') suggests "
+            f"{_suggestion(crop_size, output_stride, len(rates), kappa)}.",
+            DegenerateRateWarning, stacklevel=2)
+    return rates
 
 
 def measure_output_stride(feature_fn: Callable[[torch.Tensor], torch.Tensor], crop_size: CropSize,

@@ -9,10 +9,19 @@ Convolutional Neural Networks", arXiv 1701.04128.
 
 [paper, authors' code] The ERF is the gradient of one output unit with respect
 to the input image: for a classification network the centre position of its
-last feature map, channel-averaged; for a segmentation network the centre
-pixel of its logits (channel-averaged over classes). The per-image gradient is
+last feature map, channel-averaged; for a vision transformer the patch tokens
+*after the final norm* (the GAB paper's definition, section 2), channel-averaged;
+for a segmentation network the centre pixel's output. The per-image gradient is
 averaged over RGB, clipped at 0, accumulated over many images and normalised to
 sum 1; a 2D Gaussian is fitted to report its size.
+
+[decision] The segmentation target by default is the decoder's features
+before ``conv_seg`` (the tensor the classifier reads), resized to the input
+size like the logits, channel mean at the centre pixel. The alternative, the
+mean over classes of the centre pixel's logits (``target='logits'``), measures
+``mean_k(W_k) . f``: the one direction that softmax cross-entropy never trains
+(adding the same value to every logit changes no prediction), so it depends on
+the classifier's initialisation rather than on what training learnt.
 
 Batched computation: in eval mode the images of a batch are independent, so one
 backward of the sum of the per-image target units gives every per-image
@@ -49,7 +58,9 @@ __all__ = [
     "erf_maps",
     "resolve_target",
     "feature_map_target",
+    "vit_token_target",
     "segmentation_logits_target",
+    "segmentation_decoder_target",
     "fit_gaussian_2d",
     "centred_square_side",
     "erf_coverage",
@@ -116,9 +127,11 @@ def feature_map_target(model: nn.Module) -> TargetFn:
     """Target of a classification network: its last feature map, NCHW.
 
     Uses timm's ``forward_intermediates(indices=1, intermediates_only=True,
-    output_fmt='NCHW')`` when the model has it (ViTs give their patch-token
-    grid, NHWC models are permuted by timm), else ``forward_features``, else
-    ``forward``; the result must be ``(B, C, h, w)``.
+    output_fmt='NCHW')`` when the model has it (NHWC models are permuted by
+    timm), else ``forward_features``, else ``forward``; the result must be
+    ``(B, C, h, w)``. Vision transformers take :func:`vit_token_target`
+    instead (``target='auto'``), since timm's intermediates precede the final
+    norm.
     """
     def fn(x: torch.Tensor) -> torch.Tensor:
         out: Any = None
@@ -138,20 +151,88 @@ def feature_map_target(model: nn.Module) -> TargetFn:
     return fn
 
 
+def _is_vit(model: nn.Module) -> bool:
+    """A timm-style vision transformer: patch embedding, blocks, prefix-token count, token features."""
+    return (hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+            and hasattr(model.patch_embed, "dynamic_feat_size") and hasattr(model, "forward_features"))
+
+
+def vit_token_target(model: nn.Module) -> TargetFn:
+    """Target of a vision transformer: its patch tokens after the final norm, as ``(B, C, h, w)``.
+
+    The GAB paper's ERF (arXiv 2305.04722, section 2) differentiates the
+    output tokens after the final normalisation. timm's ``forward_features``
+    returns every token after ``model.norm``; the prefix (class, register)
+    tokens are dropped and the patch tokens laid out on the patch grid. Models
+    whose final norm is ``fc_norm`` (applied after pooling, e.g. timm's relpos
+    ViTs with ``global_pool='avg'``; ``model.norm`` is then the identity) get
+    that norm applied to each token ([decision]: the same normalisation, per
+    token rather than on the pooled vector).
+    """
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        tokens = model.forward_features(x)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise ValueError(f"{type(model).__name__}.forward_features must give (B, T, C) tokens, got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}; pass target=<callable> instead")
+        fc_norm = getattr(model, "fc_norm", None)
+        if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
+            tokens = fc_norm(tokens)
+        h, w = model.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        patches = tokens[:, int(model.num_prefix_tokens):]
+        if patches.shape[1] != h * w:
+            raise ValueError(f"{type(model).__name__}: {patches.shape[1]} patch tokens do not fill the {h}x{w} "
+                             f"patch grid of a {tuple(x.shape[-2:])} input")
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    return fn
+
+
+def _resize_like_logits(segmentor: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if out.shape[-2:] != x.shape[-2:]:
+        align = bool(getattr(segmentor.decode_head, "align_corners", False))
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=align)
+    return out
+
+
+def segmentation_decoder_target(segmentor: nn.Module) -> TargetFn:
+    """Target of an mmseg segmentor (default): the decoder's features before ``conv_seg``, at the input size.
+
+    The tensor that enters ``decode_head.conv_seg`` (the 1x1 classifier; after
+    the head's dropout, the identity in eval) in ``extract_feat`` then
+    ``decode_head.forward``, bilinearly resized to the image size with the
+    head's ``align_corners`` like the logits. The classifier and the resize
+    are linear and commute, so the centre pixel here is the same location as
+    the logits' centre pixel.
+    """
+    conv_seg = getattr(segmentor.decode_head, "conv_seg", None)
+    if not isinstance(conv_seg, nn.Module):
+        raise ValueError(f"{type(segmentor.decode_head).__name__} has no conv_seg (mmseg's classifier): use "
+                         f"target='logits' or a callable")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen: List[torch.Tensor] = []
+        handle = conv_seg.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            segmentor.decode_head.forward(segmentor.extract_feat(x))
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError(f"{type(segmentor.decode_head).__name__}.forward called conv_seg {len(seen)} times; "
+                             f"pass target='logits' or a callable")
+        return _resize_like_logits(segmentor, seen[0], x)
+    return fn
+
+
 def segmentation_logits_target(segmentor: nn.Module) -> TargetFn:
     """Target of an mmseg segmentor: its logits resized to the input size.
 
     ``segmentor.extract_feat`` then ``decode_head.forward`` (mmseg's
     ``_forward`` tensor mode), bilinearly resized to the image size with the
     head's ``align_corners`` — the same resize ``predict_by_feat`` applies.
+    The option ``target='logits'``; see the module docstring for why it is
+    not the default.
     """
-    align = bool(getattr(segmentor.decode_head, "align_corners", False))
-
     def fn(x: torch.Tensor) -> torch.Tensor:
-        logits = segmentor.decode_head.forward(segmentor.extract_feat(x))
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align)
-        return logits
+        return _resize_like_logits(segmentor, segmentor.decode_head.forward(segmentor.extract_feat(x)), x)
     return fn
 
 
@@ -164,24 +245,39 @@ def resolve_target(model: nn.Module, target: Union[str, TargetFn] = "auto") -> T
 
     Args:
         model: The network.
-        target: ``'auto'`` (segmentor -> ``'logits'``, otherwise
-            ``'features'``), ``'features'``, ``'logits'``, ``'output'``
-            (``model(x)``, must be 4-D) or a callable ``x -> (B, K, h, w)``.
+        target: ``'auto'`` (segmentor -> ``'decoder'``, vision transformer ->
+            ``'tokens'``, otherwise ``'features'``); ``'decoder'`` (the
+            decoder's features before ``conv_seg``, :func:`segmentation_decoder_target`);
+            ``'logits'`` (the segmentor's logits); ``'tokens'`` (patch tokens
+            after the final norm, :func:`vit_token_target`); ``'features'``
+            (a segmentor's ``'decoder'``, a vision transformer's ``'tokens'``,
+            else the last feature map, :func:`feature_map_target`);
+            ``'output'`` (``model(x)``, must be 4-D) or a callable
+            ``x -> (B, K, h, w)``.
     """
     if callable(target) and not isinstance(target, str):
         return target
-    if target == "auto":
-        target = "logits" if _is_segmentor(model) else "features"
-    if target == "features":
-        return feature_map_target(model)
-    if target == "logits":
-        if not _is_segmentor(model):
-            raise ValueError(f"target='logits' needs an mmseg segmentor (decode_head, extract_feat); "
-                             f"{type(model).__name__} is not one: use target='features'")
-        return segmentation_logits_target(model)
+    if target in ("auto", "features"):
+        if not (_is_segmentor(model) or _is_vit(model)):
+            return feature_map_target(model)
+        target = "decoder" if _is_segmentor(model) else "tokens"
     if target == "output":
         return model
-    raise ValueError(f"target must be 'auto', 'features', 'logits', 'output' or a callable, got {target!r}")
+    if target not in _NAMED_TARGETS:
+        raise ValueError(f"target must be 'auto', 'features', 'decoder', 'logits', 'tokens', 'output' or a "
+                         f"callable, got {target!r}")
+    applies, what, build = _NAMED_TARGETS[target]
+    if not applies(model):
+        raise ValueError(f"target={target!r} needs {what}; {type(model).__name__} is not one: use target='features'")
+    return build(model)
+
+
+#: target name -> (does it apply to the model, what it needs, target builder)
+_NAMED_TARGETS: Dict[str, Tuple[Callable[[nn.Module], bool], str, Callable[[nn.Module], TargetFn]]] = {
+    "tokens": (_is_vit, "a timm vision transformer (patch_embed, blocks, num_prefix_tokens)", vit_token_target),
+    "decoder": (_is_segmentor, "an mmseg segmentor (decode_head, extract_feat)", segmentation_decoder_target),
+    "logits": (_is_segmentor, "an mmseg segmentor (decode_head, extract_feat)", segmentation_logits_target),
+}
 
 
 def _check_positions(positions: Sequence[Position]) -> List[Position]:
@@ -287,8 +383,10 @@ def effective_receptive_field(model: Union[nn.Module, str], images: torch.Tensor
 
     Args:
         model: A classification network (centre of its last feature map,
-            channel-averaged), a timm model name (``pretrained=False``), or an
-            mmseg segmentor (centre pixel of its logits). Run in eval mode.
+            channel-averaged; a vision transformer's patch tokens after the
+            final norm), a timm model name (``pretrained=False``), or an mmseg
+            segmentor (centre pixel of the decoder's features before
+            ``conv_seg``). Run in eval mode.
         images: ``(N, C, H, W)`` images, normalised as the model expects.
         target: See :func:`resolve_target`.
         position: Fractional ``(fy, fx)`` of the output unit (default: centre).

@@ -294,6 +294,30 @@ class _PackedAttentionWithLearnableBias(torch.autograd.Function):
         return d_stacked.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D), d_bias, None, None
 
 
+def _float32_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor,
+                            dropout_p: float, scale: float) -> torch.Tensor:
+    """Attention with the logits, the float32 bias and the softmax in float32; ``q, k, v`` in half precision.
+
+    Under ``torch.autocast`` (bf16 / fp16) SDPA would cast the float mask to
+    the half dtype, so a bias of ~1 loses its low bits before it reaches the
+    logits. Here ``q kᵀ`` is computed in float32, the bias is added in float32
+    and the softmax runs in float32; the probabilities go back to ``v``'s
+    dtype for the value product. Gradients flow to the bias in float32.
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = torch.matmul(q.float() * scale, k.float().transpose(-2, -1)) + attn_bias.float()
+        probs = torch.softmax(logits, dim=-1)
+        if dropout_p > 0.0:
+            probs = nn.functional.dropout(probs, p=dropout_p)
+        return torch.matmul(probs.to(v.dtype), v)
+
+
+def _needs_float32_bias(query: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> bool:
+    # a float32 (or wider) bias with half-precision q/k/v: autocast, or a half model with a float32 bias
+    return (attn_bias is not None and attn_bias.is_floating_point() and query.dtype in (torch.float16, torch.bfloat16)
+            and attn_bias.dtype in (torch.float32, torch.float64))
+
+
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
     # the one case torch has no fused kernel for: CPU, float bias that needs a gradient, no dropout;
     # ``query`` is q or the packed qkv projection (only its device and dtype are read); never in a captured graph
@@ -321,6 +345,8 @@ def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     """
     if not torch.jit.is_scripting() and _use_hand_written(q, attn_bias, dropout_p):
         return _AttentionWithLearnableBias.apply(q, k, v, attn_bias, q.shape[-1] ** -0.5 if scale is None else scale)
+    if not torch.jit.is_scripting() and _needs_float32_bias(q, attn_bias):
+        return _float32_bias_attention(q, k, v, attn_bias, dropout_p, q.shape[-1] ** -0.5 if scale is None else scale)
     return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p,
                                                       scale=scale)
 
@@ -354,7 +380,11 @@ def packed_attention_with_bias(qkv: torch.Tensor, num_heads: int, attn_bias: Opt
     if not torch.jit.is_scripting() and _use_hand_written(qkv, attn_bias, dropout_p):
         return _PackedAttentionWithLearnableBias.apply(qkv, attn_bias, num_heads, scale)
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+    if not torch.jit.is_scripting() and _needs_float32_bias(qkv, attn_bias):
+        x = _float32_bias_attention(q, k, v, attn_bias, dropout_p, scale)
+    else:
+        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p,
+                                                       scale=scale)
     return x.transpose(1, 2).reshape(B, N, C3 // 3)
 
 

@@ -84,13 +84,17 @@ class ResolutionAwareDilationsMixin:
 
     Args:
         dilations: ``'auto'`` or an explicit tuple of ints (passed through
-            unchanged). Default: ASPPHead's ``(1, 6, 12, 18)``.
+            unchanged; with ``crop_size`` and an int ``output_stride``, a rate
+            that leaves a degenerate branch, above ``floor((F - 1) / 2)``,
+            gets a ``DegenerateRateWarning`` with the rule's suggestion).
+            Default: ASPPHead's ``(1, 6, 12, 18)``.
         crop_size: Training crop ``(H, W)`` or int; required for ``'auto'``.
         output_stride: Int stride of the feature map this head reads; required
             for ``'auto'``. ``'infer'`` is resolved by ``RAEncoderDecoder`` or
             :func:`resolve_auto_dilations` before the head is built.
         num_rates: Ladder length for ``'auto'`` (default 4, as mmseg's configs).
-        kappa: Reach of the largest rate as a fraction of the feature size.
+        kappa: Reach of the largest rate as a fraction of the feature size,
+            in (0, 0.5] (an error otherwise).
         **kwargs: Everything else goes to the parent head unchanged.
 
     After construction: ``self.dilations`` (tuple), ``self.auto_dilations``

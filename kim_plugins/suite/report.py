@@ -206,12 +206,12 @@ def _se_section(prs: List[PairResult]) -> List[str]:
 def _erf_section(prs: List[PairResult]) -> List[str]:
     lines = ["### Atrous rates: the ERF lattice of each rate setting",
              "",
-             "Effective receptive field of the centre output pixel (gradient of its logits w.r.t. the input, "
-             "RGB-averaged, clipped at 0, summed over validation scenes, normalised; "
-             "`kim_plugins.layers.erf`), at initialisation and after training. ASPP's ERF is a lattice: the centre "
-             "plus satellites at ±rate·OS input pixels. A satellite beyond the image's half-width lies outside the "
-             "image for the centre pixel: that branch then sees only its centre tap and zero padding. "
-             "Coverage = fraction of the image where the ERF exceeds 1 % of its maximum.",
+             "Effective receptive field of the centre output pixel (gradient of the decoder features before "
+             "`conv_seg`, channel mean, w.r.t. the input, RGB-averaged, clipped at 0, summed over validation "
+             "scenes, normalised; `kim_plugins.layers.erf`), at initialisation and after training. ASPP's ERF is a "
+             "lattice: the centre plus satellites at ±rate·OS input pixels. A branch whose rate exceeds "
+             "floor((F - 1) / 2) on the F-pixel feature map is degenerate: no output position sees its whole 3x3 "
+             "kernel inside the map. Coverage = fraction of the image where the ERF exceeds 1 % of its maximum.",
              ""]
     rows = []
     for pr in prs:
@@ -219,7 +219,7 @@ def _erf_section(prs: List[PairResult]) -> List[str]:
         for name, probes in pr.mechanism.get("erf", {}).items():
             rates = pr.mechanism["rates"].get(name, ())
             os_ = next((r.extra.get("output_stride") for r in pr.runs if r.variant == name and r.seed == 0), None)
-            inside = [r for r in rates if r > 1 and r * (os_ or 8) <= size / 2]
+            inside = [r for r in rates if r > 1 and r <= (-(-size // (os_ or 8)) - 1) // 2]  # non-degenerate
             for when in ("start", "end"):
                 p = probes[when]
                 rows.append(dict(size=f"{size}x{size}", variant=name, rates=str(rates), os=str(os_),
@@ -230,7 +230,7 @@ def _erf_section(prs: List[PairResult]) -> List[str]:
                                  side=f"{p['side_50']} / {p['side_90']}", cov=f"{100 * p['coverage']:.1f} %"))
     lines.append(_table(rows, ["size", "variant", "rates", "os", "sat", "inside", "when", "sigma", "side", "cov"],
                         ["input", "variant", "rates", "output stride (measured)", "satellites (px)",
-                         "satellites within the half-width", "weights", "Gaussian σ_y x σ_x (px)",
+                         "non-degenerate dilated branches", "weights", "Gaussian σ_y x σ_x (px)",
                          "50 % / 90 % mass square (px)", "coverage"]))
     lines += ["", "![ERF lattice per rate setting](erf_rates.png)"]
     return lines
@@ -259,8 +259,9 @@ def _vit_section(pr: PairResult) -> List[str]:
     inv = [(r.variant, r.extra.get("pln_scale_max_abs_logit_change")) for r in pr.runs
            if r.seed == 0 and "pln_scale_max_abs_logit_change" in r.extra]
     if inv:
-        lines += ["", "Scale invariance LN(α·y) = LN(y): largest |logit change| when the patch projection "
-                      "(weight and bias) of the trained model is multiplied by α ∈ {0.25, 4}:", "",
+        lines += ["", "Invariance to the image's scale, model(α·x) = model(x): largest |logit change| of the "
+                      "trained model when its normalised input images are multiplied by α ∈ {0.25, 0.5, 2, 4} "
+                      "(PLN's projection is bias-free, so LN(α·xE) = LN(xE)):", "",
                   _table([dict(v=v, d=f"{d:.3g}") for v, d in inv], ["v", "d"], ["variant", "max |Δ logit|"])]
     gab = pr.mechanism.get("gab", {})
     if gab:

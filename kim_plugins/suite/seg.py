@@ -18,7 +18,8 @@ Mechanisms measured here:
 - :class:`FusionVarianceRecorder`: the variance of every operand entering each
   concat/add of a decode head that fuses an upsampled map, and for each scale
   equalizer the variance before and after it;
-- the ERF of each rate setting (:func:`kim_plugins.layers.erf.erf_maps`, centre pixel).
+- the ERF of each rate setting (:func:`kim_plugins.layers.erf.erf_maps`, centre pixel of the decoder
+  features before ``conv_seg``).
 """
 from __future__ import annotations
 
@@ -595,7 +596,7 @@ def run_seg_pair(pair: str, settings, data, out_dir: str, device: str,
                 erfs[name] = {}
                 for w, m in probes.items():
                     maps = erf_maps(m, run["images"][:settings.erf_images], positions=[(0.5, 0.5)],
-                                    target="logits", batch_size=4)[0]
+                                    batch_size=4)[0]  # decoder features before conv_seg
                     erfs[name][w] = dict(map=maps.float().cpu(), **summarize_erf(maps),
                                          coverage=float(erf_coverage(maps)))
     backbone = ("ResNetV1c-18 (16 base channels), 4 stages, strides 4-32" if pair == "se-uper" else

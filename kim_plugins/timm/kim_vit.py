@@ -12,7 +12,11 @@ Papers:
   is added. timm's ``VisionTransformer(embed_norm_layer=...)`` puts the norm
   at exactly that spot (``PatchEmbed.norm``, after the projection and before
   ``_pos_embed``; the class token is concatenated later, untouched), so the
-  PLN models are plain ``VisionTransformer`` s with ``embed_norm_layer='layernorm'``.
+  PLN models are plain ``VisionTransformer`` s with ``embed_norm_layer='layernorm'``
+  and :class:`PreLayerNormPatchEmbed`, whose projection has no bias by default
+  ([decision]: only then is ``LN(α·x E) = LN(x E)``, so that the model is
+  invariant to the scale α > 0 of the normalised image, the paper's point;
+  ``pln_patch_bias=True`` keeps timm's bias).
 
 The GAB bias is passed to timm's attention as the float ``attn_mask`` of
 ``scaled_dot_product_attention``, so the fused kernel is kept. The patch grid
@@ -30,9 +34,11 @@ A plain timm checkpoint of the host loads strictly into each of them by every
 route (``load_state_dict``, ``create_model(checkpoint_path=...)``,
 ``pretrained=True, pretrained_cfg_overlay=dict(file='plain_vit.pth')``); the
 new parameters (σ, a, the PLN norm) keep their initial values and a log line
-says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`).
+says so (:class:`~kim_plugins.layers.plugin_state.KeepsStateWhenAbsent`). A bias-free PLN projection drops the
+checkpoint's ``patch_embed.proj.bias`` (logged).
 """
 
+import logging
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -40,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import (Attention, LayerNorm, maybe_add_mask, register_notrace_function, register_notrace_module,
+from timm.layers import (Attention, LayerNorm, PatchEmbed, maybe_add_mask, register_notrace_function, register_notrace_module,
                          resolve_self_attn_mask)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -61,8 +67,11 @@ __all__ = [
     "GabVisionTransformer",
     "GabVisionTransformerRelPos",
     "PatchEmbedLayerNorm",
+    "PreLayerNormPatchEmbed",
     "checkpoint_filter_fn",
 ]
+
+_logger = logging.getLogger(__name__)
 
 # FX tracing with timm's lists (timm's FX features, torchvision's create_feature_extractor as timm calls it): the
 # bias module and the attention calls stay whole, so the traced graph keeps the eval-time bias cache and picks the
@@ -614,7 +623,79 @@ default_cfgs = generate_default_cfgs({
     'vit_small_patch16_gab_pln_224.untrained': _cfg(),
 })
 
-_PLN = dict(embed_norm_layer=PatchEmbedLayerNorm)  # timm LayerNorm (eps 1e-6) inside PatchEmbed, before _pos_embed
+class PreLayerNormPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` of a PreLayerNorm ViT: ``LN(x_p E)``, by default without a projection bias.
+
+    From "Improved Robustness of Vision Transformer via PreLayerNorm in Patch
+    Embedding" (Kim and Kim, arXiv:2111.08413): the norm normalises the
+    projected patch tokens before the positional embedding is added, so that a
+    change of the image's colour scale does not change the embedding.
+    ``LN(α·y) = LN(y)`` for α > 0 holds for ``y = x_p E`` only if the projection
+    adds no bias (``LN(α·x_p E + b) != LN(x_p E + b)``), so by default
+    ([decision]) the projection is bias-free and the whole model satisfies
+    ``model(α·x) == model(x)`` for a normalised image ``x`` (up to the norm's
+    eps). ``patch_bias=True`` keeps timm's bias (the alternative reading).
+
+    Args:
+        *args: ``PatchEmbed`` arguments.
+        bias: The host's projection bias flag (``VisionTransformer`` passes
+            ``not pre_norm``); the projection has a bias only if this and
+            ``patch_bias`` are both true.
+        norm_layer: The norm after the projection (the PreLayerNorm); required.
+        patch_bias: Keep a bias in the projection (default False).
+        **kwargs: ``PatchEmbed`` keyword arguments.
+
+    Loading a checkpoint that has ``proj.bias`` into a bias-free projection
+    (a plain timm ViT) drops that entry with a log line, by every loading route.
+    """
+
+    def __init__(self, *args: Any, bias: bool = True, norm_layer: Optional[Callable] = None,
+                 patch_bias: bool = False, **kwargs: Any) -> None:
+        if norm_layer is None:
+            raise ValueError("PreLayerNormPatchEmbed needs a norm_layer (the PreLayerNorm after the projection), "
+                             "got None: pass embed_norm_layer='layernorm' (the PLN models' default), or use the "
+                             "plain timm ViT for a model without it")
+        # Built with the host's bias flag, so the projection's random init draws what the plain ViT's does (same
+        # seed -> every shared parameter starts at the plain model's value); the bias is then removed.
+        super().__init__(*args, bias=bias, norm_layer=norm_layer, **kwargs)
+        if not patch_bias:
+            self.proj.bias = None
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "proj.bias"
+        if self.proj.bias is None and key in state_dict:
+            state_dict.pop(key)
+            _logger.info("%s: dropped from the checkpoint: the PreLayerNorm projection has no bias "
+                         "(pln_patch_bias=False)", key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _pln_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Model arguments of a PLN name: :class:`PatchEmbedLayerNorm` (timm's LayerNorm, eps 1e-6) inside :class:`PreLayerNormPatchEmbed`.
+
+    Pops ``pln_patch_bias`` (default False, see :class:`PreLayerNormPatchEmbed`)
+    and ``embed_norm_layer`` from ``kwargs``.
+
+    ``timm.create_model`` removes every keyword whose value is None before it
+    calls the model function (timm's rule for all models, the plain hosts
+    included), so ``create_model(name, embed_norm_layer=None)`` builds the
+    default PLN model; a direct call with None, or any other false value by
+    either route, is an error.
+
+    Raises:
+        ValueError: a false ``embed_norm_layer`` (None, '', False: that would
+            be a plain ViT) or an ``embed_layer`` (the PLN models set their own).
+    """
+    patch_bias = bool(kwargs.pop("pln_patch_bias", False))
+    norm = kwargs.pop("embed_norm_layer", PatchEmbedLayerNorm)
+    if not norm:  # None reaches here from a direct call; timm.create_model prunes None-valued kwargs first
+        raise ValueError(f"embed_norm_layer={norm!r} removes the PreLayerNorm of a PLN model: keep the default "
+                         "(PatchEmbedLayerNorm), pass another norm, or create the plain timm ViT (e.g. "
+                         "'vit_small_patch16_224') for a model without it")
+    if "embed_layer" in kwargs:
+        raise ValueError(f"embed_layer={kwargs['embed_layer']!r}: the PLN models use PreLayerNormPatchEmbed; "
+                         f"choose the projection bias with pln_patch_bias and the norm with embed_norm_layer")
+    return dict(embed_norm_layer=norm, embed_layer=partial(PreLayerNormPatchEmbed, patch_bias=patch_bias))
 
 
 @register_model
@@ -665,26 +746,26 @@ def vit_relpos_base_patch16_gab_224(pretrained: bool = False, **kwargs: Any) -> 
 @register_model
 def vit_tiny_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Ti/16 (timm ``vit_tiny_patch16_224``) with PreLayerNorm patch embedding."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_PLN)
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_pln_args(kwargs))
     return _create_pln_vit('vit_tiny_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_small_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-S/16 (timm ``vit_small_patch16_224``) with PreLayerNorm patch embedding."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_PLN)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_pln_args(kwargs))
     return _create_pln_vit('vit_small_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_base_patch16_pln_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-B/16 (timm ``vit_base_patch16_224``) with PreLayerNorm patch embedding."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_PLN)
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_pln_args(kwargs))
     return _create_pln_vit('vit_base_patch16_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_small_patch16_gab_pln_224(pretrained: bool = False, **kwargs: Any) -> GabVisionTransformer:
     """ViT-S/16 with both Gaussian attention bias and PreLayerNorm patch embedding."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_PLN)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_pln_args(kwargs))
     return _create_gab_vit('vit_small_patch16_gab_pln_224', pretrained=pretrained, **dict(model_args, **kwargs))

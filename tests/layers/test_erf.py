@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kim_plugins.layers.erf import (centred_square_side, effective_receptive_field, erf_coverage, erf_maps,
-                                    fit_gaussian_2d, grid_positions, resolve_target)
+                                    fit_gaussian_2d, grid_positions, resolve_target, segmentation_logits_target)
 
 
 def _positive_conv(cin, cout, k, dilation=1, stride=1, padding=None, seed=0):
@@ -182,34 +182,139 @@ def test_result_numbers_and_timm_model_by_name():
     assert math.isfinite(nums["sigma_x"]) and math.isfinite(nums["r2"])
 
 
-def test_vit_feature_map_is_patch_grid():
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", dict(reg_tokens=2)),                      # final norm on every token
+    ("vit_relpos_small_patch16_224", dict(global_pool="avg")),         # fc_norm: final norm after pooling
+    ("vit_small_patch16_gab_224", {}),
+])
+def test_vit_target_is_the_patch_tokens_after_the_final_norm(name, kwargs):
+    """GAB paper §2: the ERF of a ViT differentiates the output tokens after the final norm."""
     import timm
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2)
-    fn = resolve_target(vit, "auto")
-    assert fn(torch.zeros(1, 3, 64, 64)).shape == (1, vit.embed_dim, 4, 4)
+
+    import kim_plugins  # noqa: F401  registers the GAB names
+
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, img_size=64, depth=2, **kwargs).eval()
+    final_norm = vit.fc_norm if not isinstance(vit.fc_norm, nn.Identity) else vit.norm
+    with torch.no_grad():  # fresh LayerNorms: weight 1, bias 0, so the target is standardised per token
+        final_norm.weight.normal_(1.0, 0.1)
+        final_norm.bias.normal_(0.0, 0.1)
+    x = _images(n=2, size=(64, 64))
+    blocks_out = {}
+    vit.blocks[-1].register_forward_hook(lambda m, args, out: blocks_out.update(x=out))
+    out = resolve_target(vit, "auto")(x)
+    assert out.shape == (2, vit.embed_dim, 4, 4)
+    patches = blocks_out["x"][:, vit.num_prefix_tokens:]  # (B, 16, C), before the final norm
+    expected = torch.nn.functional.layer_norm(patches, (vit.embed_dim,), final_norm.weight, final_norm.bias,
+                                              final_norm.eps)
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(2, -1, 4, 4))
+    assert not torch.allclose(out, patches.transpose(1, 2).reshape(2, -1, 4, 4), atol=1e-2)
+    assert resolve_target(vit, "features")(x).shape == out.shape
+    erf = effective_receptive_field(vit, x).erf
+    assert erf.shape == (64, 64) and float(erf.sum()) == pytest.approx(1.0)
 
 
-def test_segmentor_target_uses_logits_at_input_size():
-    class Head(nn.Module):
-        align_corners = False
+class _Head(nn.Module):
+    """An mmseg-like decode head: conv + ReLU + dropout + the 1x1 classifier ``conv_seg``."""
 
-        def forward(self, feats):
-            return feats[-1]
+    align_corners = False
 
-    class Seg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.decode_head = Head()
-            self.backbone = nn.Conv2d(3, 2, 2, stride=2)
+    def __init__(self, cin=4, channels=6, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, channels, 3, padding=1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
-        def extract_feat(self, x):
-            return [self.backbone(x)]
+    def forward(self, feats):
+        return self.conv_seg(self.dropout(torch.relu(self.conv(feats[-1]))))
 
-    seg = Seg()
-    out = resolve_target(seg)(torch.zeros(1, 3, 10, 12))
-    assert out.shape == (1, 2, 10, 12)
+
+class _Seg(nn.Module):
+    """An mmseg-like segmentor (``extract_feat`` + ``decode_head``), output stride 2."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.decode_head = _Head()
+
+    def extract_feat(self, x):
+        return [self.backbone(x)]
+
+    def forward(self, x):
+        return nn.functional.interpolate(self.decode_head(self.extract_feat(x)), size=x.shape[-2:],
+                                         mode="bilinear", align_corners=False)
+
+
+def test_segmentor_default_target_is_the_decoder_features_before_conv_seg():
+    seg = _Seg().eval()
+    x = _images(n=2, size=(10, 12))
+    head = seg.decode_head
+    feats = torch.relu(head.conv(seg.extract_feat(x)[-1]))  # what conv_seg reads (dropout off in eval)
+    expected = nn.functional.interpolate(feats, size=(10, 12), mode="bilinear", align_corners=False)
+    for target in ("auto", "features", "decoder"):
+        torch.testing.assert_close(resolve_target(seg, target)(x), expected)
+    logits = resolve_target(seg, "logits")(x)
+    assert logits.shape == (2, 3, 10, 12)
+    torch.testing.assert_close(logits, seg(x))
     with pytest.raises(ValueError, match="needs an mmseg segmentor"):
         resolve_target(nn.Conv2d(3, 3, 1), "logits")
+    with pytest.raises(ValueError, match="needs an mmseg segmentor"):
+        resolve_target(nn.Conv2d(3, 3, 1), "decoder")
+    seg.decode_head.conv_seg = None
+    with pytest.raises(ValueError, match="no conv_seg"):
+        resolve_target(seg, "decoder")
+
+
+def test_default_target_ignores_the_class_mean_direction_that_softmax_never_trains():
+    """Adding one vector to every class row of conv_seg changes no prediction and no softmax output; it changes
+    the class-mean-logit ERF (the option) arbitrarily, never the default one."""
+    seg = _Seg().eval()
+    x = _images(n=4, size=(16, 16))
+    before = {t: erf_maps(seg, x, target=t)[0] for t in ("auto", "logits")}
+    probs = torch.softmax(seg(x), dim=1)
+    with torch.no_grad():
+        seg.decode_head.conv_seg.weight.add_(torch.randn(1, 6, 1, 1, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(torch.softmax(seg(x), dim=1), probs)
+    torch.testing.assert_close(erf_maps(seg, x, target="auto")[0], before["auto"])
+    assert float((erf_maps(seg, x, target="logits")[0] - before["logits"]).abs().sum()) > 0.1
+
+
+def test_default_erf_changes_when_training_changes_the_classifier_facing_features():
+    """Train with softmax cross-entropy: the default ERF moves; the class-mean logit direction does not train.
+
+    conv_seg's class-mean row is set to 0 first (no prediction changes). Cross-entropy's gradient with
+    respect to conv_seg sums to 0 over classes, so plain SGD keeps that row at 0: the class-mean-logit
+    target stays identically 0 (no ERF at all) before and after training, while the default target, the
+    features conv_seg reads, is trained.
+    """
+    seg = _Seg()
+    with torch.no_grad():
+        w = seg.decode_head.conv_seg.weight
+        w.sub_(w.mean(dim=0, keepdim=True))
+    x = _images(n=4, size=(16, 16))
+    before = erf_maps(seg, x)[0]
+
+    def logit_to_default_mass() -> float:  # raw (unnormalised) gradient mass, class-mean logits vs default
+        raw = {t: float(erf_maps(seg, x, target=t, normalize=False).sum()) for t in ("logits", "auto")}
+        return raw["logits"] / raw["auto"]
+
+    assert logit_to_default_mass() < 1e-5  # float32 rounding of a zero row
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(seg.parameters(), lr=0.2)
+    seg.train()
+    for _ in range(30):
+        img = torch.randn(8, 3, 16, 16, generator=g)
+        label = (nn.functional.avg_pool2d(img[:, :1], 5, 1, 2)[:, 0] > 0).long() + (img[:, 1] > 1).long()
+        loss = nn.functional.cross_entropy(seg(img), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(seg.decode_head.conv_seg.weight.detach().mean(dim=0).abs().max()) < 1e-6  # still never trained
+    after = erf_maps(seg, x)[0]
+    assert float((after - before).abs().sum()) > 0.1  # L1 distance of the normalised maps (max 2)
+    assert logit_to_default_mass() < 1e-5
 
 
 def test_grid_positions():

@@ -57,7 +57,7 @@ def test_auto_separable_head_matches_stock_head():
     head = MODELS.build(dict(type="RADepthwiseSeparableASPPHead", dilations="auto", crop_size=(256, 512),
                              output_stride=8, **cfg))
     rates = resolution_aware_rates((256, 512), 8)
-    assert isinstance(head, DepthwiseSeparableASPPHead) and head.dilations == rates == (1, 5, 11, 16)
+    assert isinstance(head, DepthwiseSeparableASPPHead) and head.dilations == rates == (1, 5, 10, 15)
     assert _aspp_dilations(head) == rates
     stock = DepthwiseSeparableASPPHead(dilations=rates, **cfg)
     _same_output(head, stock, [torch.randn(2, 4, 20, 24), torch.randn(2, 8, 10, 12)])
@@ -84,7 +84,7 @@ def test_chosen_rates_are_logged():
         RAASPPHead(dilations="auto", crop_size=(512, 1024), output_stride=8, **HEAD)
     finally:
         logger.removeHandler(handler)
-    assert any("RAASPPHead" in m and "(1, 11, 21, 32)" in m and "output_stride=8" in m for m in records)
+    assert any("RAASPPHead" in m and "(1, 10, 21, 31)" in m and "output_stride=8" in m for m in records)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -107,7 +107,7 @@ def test_mixin_is_reusable_by_other_heads():
             self.extra = extra
 
     head = MyHead(extra=3, dilations="auto", crop_size=128, output_stride=1, **HEAD)
-    assert head.extra == 3 and head.dilations == (1, 21, 43, 64) and _aspp_dilations(head) == (1, 21, 43, 64)
+    assert head.extra == 3 and head.dilations == (1, 21, 42, 63) and _aspp_dilations(head) == (1, 21, 42, 63)
 
 
 def test_set_aspp_dilations_in_place_equals_fresh_head():
@@ -145,9 +145,9 @@ UNET = dict(type="UNet", in_channels=3, base_channels=4, num_stages=5, strides=(
 
 
 @pytest.mark.parametrize("backbone, in_channels, in_index, crop, stride", [
-    (RESNET_D8, 32, 3, (96, 80), 8),   # ResNet-D8: stride 8
+    (RESNET_D8, 32, 3, (96, 88), 8),   # ResNet-D8: stride 8 (F = 11: the smallest map for 4 rates)
     (UNET, 4, 4, (64, 64), 1),         # UNet-S5-D16 + ASPP reads the full-resolution decoder output: stride 1
-    (UNET, 64, 0, (192, 160), 16),     # the deepest UNet feature: stride 16
+    (UNET, 64, 0, (192, 176), 16),     # the deepest UNet feature: stride 16
 ])
 def test_segmentor_infers_output_stride(backbone, in_channels, in_index, crop, stride):
     model = MODELS.build(_tiny_model_cfg(backbone, in_channels, in_index, crop=crop))
@@ -234,7 +234,7 @@ def test_tiny_config_keeps_the_rates_of_the_documented_infer_snippet():
     from kim_plugins.config_rewrite import sync_bn_to_bn
     sync_bn_to_bn(cfg.model)
     full = MODELS.build(cfg.model).decode_head.dilations
-    assert full == resolution_aware_rates((512, 1024), 8) == (1, 11, 21, 32)
+    assert full == resolution_aware_rates((512, 1024), 8) == (1, 10, 21, 31)
     tiny = tiny_config(cfg, "unused", "unused", crop_size=(64, 64), device="cpu")
     assert tuple(tiny.model.data_preprocessor.size) == (64, 64)  # the data shrank
     assert MODELS.build(tiny.model).decode_head.dilations == full  # the model did not
@@ -261,3 +261,15 @@ def test_scale_equalized_aspp_heads_resolve_auto_through_the_same_mixin(head_typ
                              **extra, **HEAD))
     assert isinstance(head, ResolutionAwareDilationsMixin)
     assert head.dilations == resolution_aware_rates((512, 1024), 8) and _aspp_dilations(head) == head.dilations
+
+
+def test_degenerate_explicit_rates_warn_and_kappa_out_of_range_fails():
+    """issue: (1, 12, 24, 36) on a 64-px crop at OS 8 (an 8-px map) and kappa=5 used to build without a word."""
+    from kim_plugins.layers.atrous import DegenerateRateWarning
+
+    with pytest.warns(DegenerateRateWarning, match=r"rates 12, 24, 36 > floor\(\(F - 1\) / 2\) = 3 for the "
+                                                   r"F=8-pixel feature map .*suggests dilations=\(1, 2, 3\)"):
+        head = RAASPPHead(dilations=(1, 12, 24, 36), crop_size=64, output_stride=8, **HEAD)
+    assert head.dilations == (1, 12, 24, 36)  # explicit rates are kept: a warning, not a silent change
+    with pytest.raises(ValueError, match=r"RAASPPHead: kappa must be a number in \(0, 0.5\], got 5"):
+        RAASPPHead(dilations="auto", crop_size=64, output_stride=1, kappa=5, **HEAD)

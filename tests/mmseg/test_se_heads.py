@@ -414,7 +414,7 @@ def test_aspp_heads_accept_auto_dilations(se_type, extra):
     head = MODELS.build(dict(type=se_type, in_channels=8, channels=4, num_classes=19, norm_cfg=BN,
                              dilations="auto", crop_size=(512, 1024), output_stride=8, **extra))
     expected = resolve_dilations("auto", crop_size=(512, 1024), output_stride=8)
-    assert head.dilations == expected == (1, 11, 21, 32)
+    assert head.dilations == expected == (1, 10, 21, 31)
     assert head.auto_dilations
     got = [m.conv.dilation[0] if hasattr(m, "conv") else m.depthwise_conv.conv.dilation[0]
            for m in head.aspp_modules]

@@ -63,9 +63,10 @@ def test_full_size_construction_adds_only_the_plugin_parameters(name):
     if "gab" in name:
         expected += 2 * 12  # (log σ, a) per block, default granularity 'block'
     if "pln" in name:
-        expected += 2 * model.embed_dim  # LayerNorm weight and bias
+        expected += 2 * model.embed_dim - model.embed_dim  # LayerNorm weight and bias; no projection bias
     assert extra == expected
-    assert set(host.state_dict()) <= set(model.state_dict())
+    dropped = {"patch_embed.proj.bias"} if "pln" in name else set()
+    assert set(host.state_dict()) - set(model.state_dict()) == dropped
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -236,21 +237,92 @@ def test_pln_norm_sits_between_projection_and_position_embedding():
     assert pos_hook["inp"] is seen["out"]  # the positional embedding is added to LN(x_p E)
 
 
-@pytest.mark.parametrize("name, invariant", [("vit_small_patch16_pln_224", True),
-                                             ("vit_small_patch16_gab_pln_224", True),
-                                             ("vit_small_patch16_224", False)])
-def test_pln_scale_invariance(name, invariant):
-    """LN(α y) = LN(y): scaling the projected patch tokens by α > 0 leaves the logits unchanged (PLN only)."""
+def _normalised_images(model, batch=4, size=32):
+    """Images in [0, 1] normalised with the model's own mean/std (as timm's transforms do)."""
+    img = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    mean = torch.tensor(model.pretrained_cfg["mean"])[:, None, None]
+    std = torch.tensor(model.pretrained_cfg["std"])[:, None, None]
+    return (img - mean) / std
+
+
+@pytest.mark.parametrize("name, kwargs, invariant", [(n, {}, True) for n in PLN_NAMES] + [
+    ("vit_small_patch16_pln_224", dict(pln_patch_bias=True), False),  # LN(αWx + b) != LN(Wx + b)
+    ("vit_small_patch16_224", {}, False),
+])
+def test_pln_model_is_invariant_to_the_image_scale(name, kwargs, invariant):
+    """The paper's property at its level: model(α·x) == model(x) for a normalised image x, α > 0, eval mode.
+
+    Bias-free PLN models: max |Δ logit| <= 2e-5 measured (the norm's eps at α = 0.25), logits of size ~1;
+    with the projection bias kept or without PLN the logits move by 0.07 – 0.7.
+    """
     torch.manual_seed(0)
-    model = _small(name).eval()
-    x = _x()
+    model = _small(name, **kwargs).eval()
+    x = _normalised_images(model)
     with torch.no_grad():
         ref = model(x)
-        for alpha in (0.2, 3.0):
-            handle = model.patch_embed.proj.register_forward_hook(lambda m, args, out, a=alpha: out * a)
-            out = model(x)
-            handle.remove()
-            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4) == invariant
+        for alpha in (0.25, 0.5, 2.0, 4.0):
+            change = float((model(alpha * x) - ref).abs().max())
+            assert (change < 1e-4) == invariant, (alpha, change)
+
+
+def test_pln_projection_is_bias_free_by_default():
+    assert _small("vit_small_patch16_pln_224").patch_embed.proj.bias is None
+    assert _small("vit_small_patch16_gab_pln_224").patch_embed.proj.bias is None
+    assert _small("vit_small_patch16_pln_224", pln_patch_bias=True).patch_embed.proj.bias is not None
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_pln_224", "vit_small_patch16_gab_pln_224"])
+def test_pln_shares_the_hosts_initial_values(name):
+    """Same seed: every parameter the PLN model shares with its plain host starts at the host's value."""
+    torch.manual_seed(0)
+    host = _small("vit_small_patch16_224").state_dict()
+    torch.manual_seed(0)
+    model = _small(name).state_dict()
+    shared = [k for k in model if k in host]
+    assert len(shared) == len(host) - 1  # all but patch_embed.proj.bias
+    for key in shared:
+        assert torch.equal(model[key], host[key]), key
+
+
+def test_pln_drops_a_checkpoint_projection_bias_by_every_route(tmp_path, caplog):
+    """A checkpoint with ``patch_embed.proj.bias`` loads strictly into a bias-free PLN model (bias dropped, logged)."""
+    with_bias = _small("vit_small_patch16_pln_224", pln_patch_bias=True)
+    state = with_bias.state_dict()
+    model = _small("vit_small_patch16_pln_224")
+    with caplog.at_level("INFO", logger="kim_plugins.timm.kim_vit"):
+        model.load_state_dict(state)  # strict
+    assert "patch_embed.proj.bias: dropped" in caplog.text
+    assert "patch_embed.proj.bias" in state  # the caller's dict is not modified
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    path = tmp_path / "with_bias.pth"
+    torch.save(state, path)
+    loaded = _small("vit_small_patch16_pln_224", checkpoint_path=str(path))
+    assert torch.equal(loaded.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(embed_norm_layer=""), "embed_norm_layer='' removes the PreLayerNorm"),
+    (dict(embed_norm_layer=False), "embed_norm_layer=False removes the PreLayerNorm"),
+    (dict(embed_layer=timm.layers.PatchEmbed), "the PLN models use PreLayerNormPatchEmbed"),
+])
+@pytest.mark.parametrize("name", ["vit_small_patch16_pln_224", "vit_small_patch16_gab_pln_224"])
+def test_pln_refuses_to_be_silently_plain(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _small(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_pln_224", "vit_small_patch16_gab_pln_224"])
+def test_pln_embed_norm_layer_none(name):
+    """A direct call with None is an error; timm.create_model prunes None kwargs (all models), so PLN stays."""
+    with pytest.raises(ValueError, match="embed_norm_layer=None removes the PreLayerNorm"):
+        timm.models.model_entrypoint(name)(embed_norm_layer=None, **SMALL)
+    assert isinstance(_small(name, embed_norm_layer=None).patch_embed.norm, torch.nn.LayerNorm)
+
+
+def test_pln_other_norm_is_used():
+    model = _small("vit_small_patch16_pln_224", embed_norm_layer="rmsnorm")
+    assert type(model.patch_embed.norm).__name__ == "RmsNorm"
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_gab_224", "vit_small_patch16_pln_224",
@@ -302,6 +374,9 @@ def _plain_checkpoint(name, tmp_path):
 def _assert_plain_weights_and_plugin_init(model, plain_sd, name):
     state = model.state_dict()
     for key, value in plain_sd.items():
+        if key not in state:  # the bias-free PLN projection drops the host's projection bias
+            assert key == "patch_embed.proj.bias" and "pln" in name, key
+            continue
         assert torch.equal(state[key], value), key
     fresh = timm.create_model(name, **SMALL).state_dict()
     new = {k for k in state if k not in plain_sd}

@@ -76,9 +76,9 @@ def test_smoke_run_writes_report_csv_and_every_plot(small_fmnist, tmp_path):
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
     assert len(runs) == 30
-    # the resolution-aware heads used the rule's rates at the two sizes: (1, 2, 4, 6) at 96 and (1, 3, 5, 8) at 128
+    # the resolution-aware heads used the rule's rates at the two sizes: (1, 2, 3, 5) at 96 and (1, 2, 5, 7) at 128
     dil = {r["pair"]: r["extra"] for r in runs if r["variant"] == "resolution-aware rates"}
-    assert "dilations=(1, 2, 4, 6)" in dil["rates-small"] and "dilations=(1, 3, 5, 8)" in dil["rates-large"]
+    assert "dilations=(1, 2, 3, 5)" in dil["rates-small"] and "dilations=(1, 2, 5, 7)" in dil["rates-large"]
     assert all("output_stride=8" in r["extra"] for r in runs if r["pair"].startswith(("rates", "se-aspp")))
     # the ASPP baseline at 128 px is one run, reported in both pairs with identical numbers
     base = {r["pair"]: r for r in runs if r["variant"] in ("ASPPHead", "rates (1, 12, 24, 36)")}

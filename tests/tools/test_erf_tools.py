@@ -76,14 +76,24 @@ def test_erf_tool_images_folder(tmp_path):
 def test_erf_tool_mmseg_config(tmp_path):
     out = _tool("erf").main([UNET_RA, "--size", "32", "--num-images", "1", "--out-dir", str(tmp_path)])
     nums = json.load(open(out["json"]))
-    assert nums["kind"].startswith("mmseg segmentor") and nums["input_size"] == [32, 32]
-    assert "stare" in nums["images"]
+    assert nums["kind"] == "mmseg segmentor (centre pixel of the decoder features before conv_seg)"
+    assert nums["input_size"] == [32, 32] and "stare" in nums["images"]
+    logits = _tool("erf").main([UNET_RA, "--size", "32", "--num-images", "1", "--target", "logits",
+                                "--out-dir", str(tmp_path / "logits")])
+    assert json.load(open(logits["json"]))["kind"] == "mmseg segmentor (centre pixel of the logits)"
+    assert logits["numbers"]["sigma_x"] != nums["sigma_x"]  # a different output unit, a different ERF
+
+
+def test_erf_tool_vit_target_is_tokens_after_the_final_norm(tmp_path):
+    out = _tool("erf").main(["vit_tiny_patch16_224", "--num-images", "1", "--batch-size", "1",
+                             "--out-dir", str(tmp_path)])
+    assert out["numbers"]["kind"] == "timm vision transformer (centre patch token after the final norm)"
 
 
 def test_atrous_rates_tool_prints_rule(capsys):
     out = _tool("atrous_rates").main(["--crop-size", "512", "1024", "--output-stride", "8"])
-    assert out["rates"] == [1, 11, 21, 32]
-    assert "dilations=(1, 11, 21, 32)" in capsys.readouterr().out
+    assert out["rates"] == [1, 10, 21, 31]
+    assert "dilations=(1, 10, 21, 31)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _tool("atrous_rates").main(["--crop-size", "512"])
 
@@ -93,9 +103,9 @@ def test_atrous_rates_tool_config_measures_stride(capsys):
     rows = _tool("atrous_rates").main([baseline, "--cfg-options", "model.data_preprocessor.size=[64,64]",
                                        "model.backbone.norm_cfg.type=BN"])["heads"]
     assert len(rows) == 1 and rows[0]["output_stride"] == 1 and rows[0]["output_stride_source"] == "measured"
-    assert rows[0]["rule"] == [1, 11, 21, 32] and rows[0]["configured"] == [1, 12, 24, 36]
+    assert rows[0]["rule"] == [1, 10, 21, 31] and rows[0]["configured"] == [1, 12, 24, 36]
     rows = _tool("atrous_rates").main([UNET_RA])["heads"]
-    assert rows[0]["output_stride_source"] == "config" and rows[0]["rule"] == [1, 21, 43, 64]
+    assert rows[0]["output_stride_source"] == "config" and rows[0]["rule"] == [1, 21, 42, 63]
 
 
 def test_atrous_rates_search(tmp_path):
@@ -107,7 +117,9 @@ def test_atrous_rates_search(tmp_path):
                                       "model.auxiliary_head.channels=4"])
     s = out["search"]
     assert [d["r_max"] for d in s["results"]] == [5, 6, 7]  # r_max=4 gives (1, 1, 3, 4): not distinct
-    assert s["rule_rates_at_search_size"] == [1, 5, 11, 16] and s["rule_rates_full"] == [1, 21, 43, 64]
+    assert s["rule_rates_at_search_size"] == [1, 5, 10, 15] and s["rule_rates_full"] == [1, 21, 42, 63]
+    assert s["max_nondegenerate_r"] == 15 and all(d["non_degenerate"] for d in s["results"])
+    assert s["search_best_r_max_non_degenerate"] == s["search_best_r_max"] in (5, 6, 7)
     assert all(0.0 < d["coverage"] <= 1.0 for d in s["results"])
     assert s["weights"].startswith("untrained")
     for p in out["paths"].values():
