@@ -313,9 +313,12 @@ def _float32_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 
 
 def _needs_float32_bias(query: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> bool:
-    # a float32 (or wider) bias with half-precision q/k/v: autocast, or a half model with a float32 bias
-    return (attn_bias is not None and attn_bias.is_floating_point() and query.dtype in (torch.float16, torch.bfloat16)
-            and attn_bias.dtype in (torch.float32, torch.float64))
+    # a float32 (or wider) bias with half-precision q/k/v: autocast, or a half model with a float32 bias.
+    # [decision] not on CUDA: there SDPA's fused kernels (memory-efficient, flex) accumulate the logits and the
+    # softmax in float32 and only the bias itself is rounded to the half dtype; an explicit float32 attention
+    # would store the (B, heads, N, N) float32 logits and give up the fused kernel.
+    return (attn_bias is not None and attn_bias.is_floating_point() and query.device.type != "cuda"
+            and query.dtype in (torch.float16, torch.bfloat16) and attn_bias.dtype in (torch.float32, torch.float64))
 
 
 def _use_hand_written(query: torch.Tensor, attn_bias: Optional[torch.Tensor], dropout_p: float) -> bool:
