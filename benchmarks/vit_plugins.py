@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Throughput of the GAB / PLN ViTs vs their plain timm hosts: writes benchmarks/results/vit_plugins.{md,json}.
+"""Throughput of the GAB / PLN ViTs and GAB Swins vs their plain timm hosts (benchmarks/results/vit_plugins.*).
 
-For every plugin name of ``kim_plugins.timm.kim_vit``, the plugin model and
+For every plugin name of ``kim_plugins.timm.kim_vit`` and ``kim_plugins.timm.kim_swin``, the plugin model and
 its plain timm host (same widths, same input) are timed in the same run with
 :func:`kim_plugins.benchmarking.compare_timings`: pinned threads, the
 candidates interleaved in a shuffled order every round, medians of per-round
@@ -20,7 +20,7 @@ one to trust, on a quiet one they agree.
 
 Usage::
 
-    python benchmarks/vit_plugins.py                         # all ten names, 224 px, 1 thread
+    python benchmarks/vit_plugins.py                         # all thirteen names, 224 px, 1 thread
     python benchmarks/vit_plugins.py --only vit_small_patch16_gab_224 --rounds 20 --threads 2
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ PAIRS = [  # plugin name -> plain timm host
     ("vit_small_patch16_pln_224", "vit_small_patch16_224"),
     ("vit_base_patch16_pln_224", "vit_base_patch16_224"),
     ("vit_small_patch16_gab_pln_224", "vit_small_patch16_224"),
+    ("swin_tiny_patch4_window7_gab_224", "swin_tiny_patch4_window7_224"),
+    ("swin_small_patch4_window7_gab_224", "swin_small_patch4_window7_224"),
+    ("swin_base_patch4_window7_gab_224", "swin_base_patch4_window7_224"),
 ]
 TARGET = {"eval": 0.97, "train": 0.95}
 
@@ -161,7 +164,7 @@ def main() -> None:
     env = dict(torch=torch.__version__, timm=timm.__version__, threads=args.threads, rounds=args.rounds,
                img_size=args.img_size, cpu=platform.processor() or platform.machine(),
                device="cpu", load_avg=os.getloadavg()[0])
-    md = ["# GAB / PLN ViTs vs plain timm ViTs: throughput (CPU)", "",
+    md = ["# GAB / PLN ViTs and GAB Swins vs their plain timm hosts: throughput (CPU)", "",
           f"`python benchmarks/vit_plugins.py` — torch {env['torch']}, timm {env['timm']}, {args.threads} thread(s), "
           f"{args.img_size} px, `rounds` interleaved rounds (+{args.warmup} warm-up), medians of per-round "
           f"ratios. Ratios are host time / plugin time (throughput of the plugin relative to its host), by the "

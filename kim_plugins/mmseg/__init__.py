@@ -17,3 +17,4 @@ from . import complexity  # noqa: F401  SDPA FLOP handler for mmengine's complex
 from . import se_heads, se_hook  # noqa: F401  scale equalizers
 from . import ra_aspp_heads  # noqa: F401  resolution-aware atrous rates
 from . import sap  # noqa: F401  stochastic average pooling
+from . import swin_gab  # noqa: F401  Gaussian attention bias on Swin
