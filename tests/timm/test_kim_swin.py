@@ -15,6 +15,7 @@ from timm.optim import create_optimizer_v2
 import kim_plugins  # noqa: F401  registers the names
 from kim_plugins.layers.gaussian_attention_bias import GaussianAttentionBias, grid_distance_sq
 from kim_plugins.timm.kim_swin import GabSwinTransformer, GabWindowAttention
+from tests.swin_reference import explicit_window_attention, state_with_gab_in_tables
 
 NAMES = ["swin_tiny_patch4_window7_gab_224", "swin_small_patch4_window7_gab_224", "swin_base_patch4_window7_gab_224"]
 HOSTS = {name: name.replace("_gab", "") for name in NAMES}
@@ -76,32 +77,6 @@ def test_fresh_model_bias_is_published_init(name):
         assert [n for n, _ in attn.gab.named_parameters()] == ["gab_sigma", "gab_amplitude"]
 
 
-def _explicit_window_attention(attn, x, mask):
-    """softmax(q kᵀ·scale + relpos + GAB + mask) v, then the output projection, with loops for the biases."""
-    wh, ww = attn.window_size
-    n, heads = wh * ww, attn.num_heads
-    table = attn.relative_position_bias_table.detach()
-    sigma = attn.gab.gab_sigma.detach().abs()
-    amp = attn.gab.gab_amplitude.detach()
-    bias = torch.zeros(heads, n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
-            dh, dw = i // ww - j // ww, i % ww - j % ww
-            rel = table[(dh + wh - 1) * (2 * ww - 1) + (dw + ww - 1)]  # (heads,)
-            gauss = amp ** 2 * torch.exp(-torch.tensor(float(dh * dh + dw * dw), dtype=torch.float64)
-                                         / (2 * sigma ** 2))
-            bias[:, i, j] = rel + gauss
-    B_, N, C = x.shape
-    qkv = torch.nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B_, N, 3, heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    logits = q @ k.transpose(-2, -1) * attn.scale + bias
-    if mask is not None:
-        num_win = mask.shape[0]
-        logits = (logits.view(-1, num_win, heads, N, N) + mask[None, :, None]).view(-1, heads, N, N)
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1)
-    return torch.nn.functional.linear(out, attn.proj.weight, attn.proj.bias)
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kwargs", [TINY, dict(TINY, img_size=40, window_size=3)])  # 10x10 grid: padded windows
 def test_window_attention_equals_explicit_float64(kwargs, fused):
@@ -129,25 +104,14 @@ def test_window_attention_equals_explicit_float64(kwargs, fused):
         else:  # the shifted-window mask is the plain block's and it masks something
             assert torch.equal(mask, blocks[1].get_attn_mask(device=mask.device, dtype=mask.dtype))
             assert (mask == -100).any()
-        expected = _explicit_window_attention(blocks[i].attn, args[0], mask)
+        expected = explicit_window_attention(blocks[i].attn, args[0], mask)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 def _plain_with_gab_in_table(gab_model, host_name, **kwargs):
     """A plain timm Swin whose relative position bias tables include the GAB bias of each (dh, dw)."""
     plain = timm.create_model(host_name, **kwargs).eval().to(gab_model.layers[0].blocks[0].attn.qkv.weight.dtype)
-    state = {k: v for k, v in gab_model.state_dict().items() if ".gab." not in k}
-    with torch.no_grad():
-        for name, m in gab_model.named_modules():
-            if isinstance(m, GabWindowAttention):
-                wh, ww = m.window_size
-                dh = torch.arange(-(wh - 1), wh, dtype=torch.float64)[:, None]
-                dw = torch.arange(-(ww - 1), ww, dtype=torch.float64)[None, :]
-                sigma, amp = m.gab.gab_sigma.double().abs(), m.gab.gab_amplitude.double()
-                gauss = (amp ** 2) * torch.exp(-(dh * dh + dw * dw).flatten()[:, None] / (2 * sigma ** 2))
-                key = name + ".relative_position_bias_table"
-                state[key] = (state[key].double() + gauss).to(state[key].dtype)
-    plain.load_state_dict(state)
+    plain.load_state_dict(state_with_gab_in_tables(gab_model))
     return plain
 
 
