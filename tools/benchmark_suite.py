@@ -12,6 +12,7 @@ spread), ``results.csv``, ``runs.csv`` and PNG plots:
              sizes (mIoU), ERF lattice of each;
 - ``vit``    patch-4 ViT vs GAB, PLN, GAB+PLN on Fashion-MNIST (top-1), PLN's
              contrast-robustness curve;
+- ``swin``   patch-2 Swin vs its GAB version on Fashion-MNIST (top-1), learnt σ, a;
 - ``sap``    ResNet-18-D vs its SAP version (top-1), train/eval consistency.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``
@@ -42,8 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: 2 CPU cores, <= 15 min (default); full: sized for one GPU")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: quick 2, full 3)")
-    p.add_argument("--only", default="se,rates,vit,sap",
-                   help="comma-separated pair groups to run: se, rates, vit, sap (default: all)")
+    p.add_argument("--only", default="se,rates,vit,swin,sap",
+                   help="comma-separated pair groups to run: se, rates, vit, swin, sap (default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-time budget: iterations and evaluation sizes shrink to fit it after measuring this "
