@@ -38,9 +38,9 @@ from timm.models.swin_transformer import _cfg as _swin_cfg
 from timm.models.swin_transformer import checkpoint_filter_fn as _swin_filter_fn
 
 from ..layers.gaussian_attention_bias import GaussianAttentionBias
-from .kim_vit import _gab_no_weight_decay, _make_gab_layer, checkpoint_filter_fn
+from .kim_vit import _gab_no_weight_decay, _make_gab_layer
 
-__all__ = ["GabWindowAttention", "GabSwinTransformer"]
+__all__ = ["GabWindowAttention", "GabSwinTransformer", "checkpoint_filter_fn"]
 
 # FX feature extraction keeps the bias module whole (its eval cache and closed-form backward are Python)
 register_notrace_module(GaussianAttentionBias)
@@ -131,9 +131,14 @@ class GabSwinTransformer(SwinTransformer):
         return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
 
 
-def _swin_gab_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's Swin checkpoint filter, then σ and a (absent from a plain checkpoint) keep their init."""
-    return checkpoint_filter_fn(state_dict, model, host_filter_fn=_swin_filter_fn)
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's Swin checkpoint filter (layouts, table resizing), then σ and a that the checkpoint lacks keep their
+    init. Only those: any other missing key stays missing, so a wrong checkpoint still fails loudly."""
+    out = _swin_filter_fn(state_dict, model)
+    for key, value in model.state_dict().items():
+        if key not in out and ".gab.gab_" in key:
+            out[key] = value
+    return out
 
 
 def _create_gab_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> GabSwinTransformer:
@@ -142,7 +147,7 @@ def _create_gab_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> G
     out_indices = kwargs.pop('out_indices', default_out_indices)
     return build_model_with_cfg(
         GabSwinTransformer, variant, pretrained,
-        pretrained_filter_fn=_swin_gab_filter_fn,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs)
 

@@ -186,12 +186,13 @@ def test_plain_checkpoint_loads_with_only_gab_missing(features_only, tmp_path):
         assert [f.shape[-1] for f in feats] == [24, 48]  # NHWC, as timm's Swin features
 
 
-def test_wrong_checkpoint_still_fails(tmp_path):
+@pytest.mark.parametrize("key", ["layers.1.blocks.0.attn.qkv.weight", "patch_embed.norm.weight"])
+def test_wrong_checkpoint_still_fails(key, tmp_path):
     state = timm.create_model("swin_tiny_patch4_window7_224", **TINY).state_dict()
-    del state["layers.1.blocks.0.attn.qkv.weight"]
+    del state[key]
     path = tmp_path / "broken.pth"
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match="layers.1.blocks.0.attn.qkv.weight"):
+    with pytest.raises(RuntimeError, match=key):
         timm.create_model("swin_tiny_patch4_window7_gab_224", pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(path)), **TINY)
 
