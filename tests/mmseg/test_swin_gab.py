@@ -199,3 +199,16 @@ def test_config_pair_trains_two_iterations_on_ade20k_fixture(name, fixture_root,
         assert any(not torch.equal(v, torch.tensor([5.0])) for v in sigmas.values())  # σ was trained
     else:
         assert not sigmas
+
+
+def test_bf16_autocast_stays_finite_and_close_to_float32():
+    torch.manual_seed(0)
+    model = SwinTransformerGAB(**TINY)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    for o, r in zip(out, ref):
+        assert torch.isfinite(o).all() and float((o.float() - r).abs().max() / r.abs().max()) < 0.05

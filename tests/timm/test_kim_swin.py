@@ -299,3 +299,27 @@ def test_log_sigma_option_gives_the_same_model_at_init():
     assert len(missing) == 4 and all(k.endswith(".gab_sigma_log") for k in missing)
     with torch.no_grad():
         torch.testing.assert_close(log(_x(size=32)), raw(_x(size=32)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("swin_tiny_patch4_window7_gab_224", TINY, 32),
+    ("vit_small_patch16_gab_224", dict(img_size=32, depth=2), 32),
+    ("vit_relpos_small_patch16_gab_224", dict(img_size=32, depth=2), 32),
+])
+def test_bf16_autocast_stays_finite_and_close_to_float32(name, kwargs, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = _x(size=size)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 0.05
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    for m in _gab_modules(model):  # σ, a stay float32 and get finite gradients
+        for p in m.parameters():
+            assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
