@@ -85,8 +85,8 @@ class GabWindowAttention(WindowAttention):
     def _get_rel_pos_bias(self) -> torch.Tensor:
         # timm's relative position bias (written out: TorchScript has no super()), then the Gaussian
         rel_pos = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        rel_pos = rel_pos.view(self.window_area, self.window_area, -1).permute(2, 0, 1).unsqueeze(0)
-        return rel_pos + self.gab(self.window_size)
+        rel_pos = rel_pos.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous()
+        return rel_pos.unsqueeze(0) + self.gab(self.window_size)  # contiguous, as timm's (SDPA is faster so)
 
 
 class GabSwinTransformer(SwinTransformer):
