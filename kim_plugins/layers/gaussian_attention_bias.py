@@ -439,8 +439,8 @@ class GaussianAttentionBias(nn.Module):
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Current σ (patch units): ``|gab_sigma|`` or ``exp(gab_sigma_log)`` (detached)."""
-        sigma = self._sigma_parameter().detach()
+        """Current σ (patch units), differentiable: ``|gab_sigma|`` or ``exp(gab_sigma_log)``."""
+        sigma = self._sigma_parameter()
         return sigma.exp() if self.param == "log" else sigma.abs()
 
     @torch.jit.unused
