@@ -117,6 +117,10 @@ def _inv_two_var(sigma: torch.Tensor, log_sigma: bool) -> torch.Tensor:
     return 0.5 / (sigma * sigma + _machine_eps(sigma.dtype))
 
 
+# a graph node under torch.fx symbolic tracing (the guard reads the dtype, which a tracing proxy does not have)
+torch.fx.wrap("_inv_two_var")
+
+
 def gaussian_attention_bias(sigma: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
                             num_prefix_tokens: int = 0, param: str = "raw") -> torch.Tensor:
     """The GAB logit bias ``a² · exp(-(dh² + dw²) / (2σ²))`` for a patch grid.

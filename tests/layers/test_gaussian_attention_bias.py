@@ -345,3 +345,27 @@ def test_distance_cache_follows_device_and_dtype():
     bias = gab((2, 3))
     assert bias.dtype == torch.float64  # (σ was rounded to float32 before the move: 1e-7)
     torch.testing.assert_close(bias, _expected_bias((2, 3), [5.0], [2.0], 0), rtol=1e-7, atol=0)
+
+
+class _FunctionalBias(torch.nn.Module):
+    def __init__(self, param):
+        super().__init__()
+        self.param = param
+        self.sigma = torch.nn.Parameter(torch.tensor([1.7, 0.9]))
+        self.amplitude = torch.nn.Parameter(torch.tensor([2.0, -1.1]))
+
+    def forward(self, x):
+        return x + gaussian_attention_bias(self.sigma, self.amplitude, (3, 4), 1, self.param)
+
+
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_functional_bias_traces_with_torch_fx(param):
+    """Plain torch.fx symbolic tracing (no leaf lists): the dtype-dependent σ → 0 guard is one graph node."""
+    model = _FunctionalBias(param)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(13, 13)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    assert any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_inv_two_var"
+               for n in traced.graph.nodes)
+    traced(x).sum().backward()
+    assert torch.isfinite(model.sigma.grad).all() and torch.count_nonzero(model.sigma.grad) == 2
