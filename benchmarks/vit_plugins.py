@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Throughput of the GAB / PLN ViTs vs their plain timm hosts: writes benchmarks/results/vit_plugins.{md,json}.
+"""Throughput of the GAB / PLN ViTs and GAB Swins vs their plain timm hosts (benchmarks/results/vit_plugins.*).
 
-For every plugin name of ``kim_plugins.timm.kim_vit``, the plugin model and
+For every plugin name of ``kim_plugins.timm.kim_vit`` and ``kim_plugins.timm.kim_swin``, the plugin model and
 its plain timm host (same widths, same input) are timed in the same run with
 :func:`kim_plugins.benchmarking.compare_timings`: pinned threads, the
 candidates interleaved in a shuffled order every round, medians of per-round
@@ -20,7 +20,7 @@ one to trust, on a quiet one they agree.
 
 Usage::
 
-    python benchmarks/vit_plugins.py                         # all ten names, 224 px, 1 thread
+    python benchmarks/vit_plugins.py                         # all thirteen names, 224 px, 1 thread
     python benchmarks/vit_plugins.py --only vit_small_patch16_gab_224 --rounds 20 --threads 2
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ PAIRS = [  # plugin name -> plain timm host
     ("vit_small_patch16_pln_224", "vit_small_patch16_224"),
     ("vit_base_patch16_pln_224", "vit_base_patch16_224"),
     ("vit_small_patch16_gab_pln_224", "vit_small_patch16_224"),
+    ("swin_tiny_patch4_window7_gab_224", "swin_tiny_patch4_window7_224"),
+    ("swin_small_patch4_window7_gab_224", "swin_small_patch4_window7_224"),
+    ("swin_base_patch4_window7_gab_224", "swin_base_patch4_window7_224"),
 ]
 TARGET = {"eval": 0.97, "train": 0.95}
 
@@ -140,14 +143,18 @@ def main() -> None:
         rows = previous["rows"]
         for r in rows:
             r.setdefault("rounds", previous["env"]["rounds"])
-    for plugin, host in PAIRS:
-        if args.only and plugin not in args.only:
-            continue
+    hosts = dict(PAIRS)
+    unknown = [n for n in args.only or [] if n not in hosts]
+    if unknown:
+        p.error(f"--only: unknown plugin names {unknown}; choose from {list(hosts)}")
+    for plugin in args.only or list(hosts):  # in the order given
+        host = hosts[plugin]
         for mode in args.modes:
             batch = args.batch_eval if mode == "eval" else args.batch_train
             rounds = (args.rounds_eval or args.rounds) if mode == "eval" else args.rounds
             row = bench_pair(plugin, host, mode, batch, args.img_size, rounds, args.warmup, args.threads)
             row["rounds"] = rounds
+            row["measured"] = time.strftime("%Y-%m-%d")
             old = [i for i, r in enumerate(rows) if (r["plugin"], r["mode"]) == (plugin, mode)]
             if old:
                 rows[old[0]] = row
@@ -155,26 +162,30 @@ def main() -> None:
                 rows.append(row)
             print(f"{plugin:36s} {mode:5s} cpu {row['cpu_ratio']:.3f} (A/A {row['cpu_aa']:.3f})  "
                   f"wall {row['wall_ratio']:.3f} ({row['wall_iqr']}, A/A {row['wall_aa']:.3f})", flush=True)
+            _write(rows, args)  # after every row: a long run keeps what it measured
 
+
+def _write(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
     columns = ["plugin", "host", "mode", "batch", "host_img_s_cpu", "plugin_img_s_cpu", "cpu_ratio", "cpu_aa", "cpu_bb",
-               "wall_ratio", "wall_iqr", "wall_aa", "wall_aa_iqr", "rounds", "target", "meets_target"]
+               "wall_ratio", "wall_iqr", "wall_aa", "wall_aa_iqr", "rounds", "target", "meets_target", "measured"]
     env = dict(torch=torch.__version__, timm=timm.__version__, threads=args.threads, rounds=args.rounds,
                img_size=args.img_size, cpu=platform.processor() or platform.machine(),
                device="cpu", load_avg=os.getloadavg()[0])
-    md = ["# GAB / PLN ViTs vs plain timm ViTs: throughput (CPU)", "",
+    md = ["# GAB / PLN ViTs and GAB Swins vs their plain timm hosts: throughput (CPU)", "",
           f"`python benchmarks/vit_plugins.py` — torch {env['torch']}, timm {env['timm']}, {args.threads} thread(s), "
           f"{args.img_size} px, `rounds` interleaved rounds (+{args.warmup} warm-up), medians of per-round "
           f"ratios. Ratios are host time / plugin time (throughput of the plugin relative to its host), by the "
           f"thread's CPU time (`cpu_*`) and by wall time (`wall_*`, IQR beside it); `*_aa` is the host against "
-          f"itself in the same rounds (noise floor), `cpu_bb` the host against a second, separately allocated instance of the same model (weight placement alone moves MKL's speed by a few percent). `meets_target` uses the CPU-time ratio. Load average at the "
-          f"end: {env['load_avg']:.1f} (a shared machine: wall-time ratios are noisy).", "",
+          f"itself in the same rounds (noise floor), `cpu_bb` the host against a second, separately allocated instance of the same model (weight placement alone moves MKL's speed by a few percent). `meets_target` uses the CPU-time ratio; `measured`: the date of the row's run "
+          f"(`--update` keeps the rows of earlier runs; empty: before dates were recorded). Load average at the "
+          f"end of the last run: {env['load_avg']:.1f} (a shared machine: wall-time ratios are noisy).", "",
           format_table(rows, columns), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md))
     with open(args.out + ".json", "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=2)
-    print("\n".join(md))
+    print("\n".join(md[:3]), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ spread), ``results.csv``, ``runs.csv`` and PNG plots:
              sizes (mIoU), ERF lattice of each;
 - ``vit``    patch-4 ViT vs GAB, PLN, GAB+PLN on Fashion-MNIST (top-1), PLN's
              contrast-robustness curve;
+- ``swin``   patch-2 Swin vs its GAB version on Fashion-MNIST (top-1), learnt σ, a;
 - ``sap``    ResNet-18-D vs its SAP version (top-1), train/eval consistency.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``

@@ -33,7 +33,9 @@ PAPER_TARGETS: Dict[str, List[Tuple[str, str, str]]] = {
            ("hrf", "unet", "0.8966 (U-Net + ASPP)"), ("cityscapes", "r101", "79.9 mIoU (DeepLabV3 R-101)"),
            ("isaid", "r50", "67.03 mIoU (DeepLabV3 R-50)")],
     "se": [("", "", "+0.1 to +0.4 mIoU on average (no per-config number)")],
-    "gab": [("ade20k", "", "gain on ADE20K reported, number not available (ImageNet: ViT-B/16 RelPos 81.48 %)")],
+    "gab": [("ade20k", "swin-small", "the paper's ADE20K host (Swin-S + UPerNet); gain reported, number not "
+                                     "available"),
+            ("ade20k", "", "gain on ADE20K reported, number not available (ImageNet: ViT-B/16 RelPos 81.48 %)")],
     "pln": [("", "", "robustness to contrast change; no mIoU target")],
     "sap": [("", "", "no number available")],
     "nansafe": [("", "", "fewer NaN divergences; no number available")],

@@ -1,7 +1,13 @@
 # ViT-B/16 with Gaussian attention bias (arXiv:2305.04722) in UPerNet + MLN on ADE20K; see vit-gab_vit-s16.
 _base_ = './vit_vit-b16_mln_upernet_8xb2-160k_ade20k-512x512.py'
 
-model = dict(backbone=dict(model_name='vit_base_patch16_gab_224', gab_granularity='block'))
+# supplement §C: A0 = 2, σ0 = 5 ("used for all experiments"), one (σ, A) per block
+model = dict(
+    backbone=dict(
+        model_name='vit_base_patch16_gab_224',
+        gab_granularity='block',
+        gab_sigma_init=5.0,
+        gab_amplitude_init=2.0))
 
 optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys={

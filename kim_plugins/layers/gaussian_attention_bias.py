@@ -10,15 +10,22 @@ additive bias
     B[q, k] = a² · exp(-(dh² + dw²) / (2σ²)),
 
 where ``(dh, dw)`` is the offset between the query and the key patch on the
-patch grid, in patch units, and ``σ`` and ``a`` are learnable (initialised
-``σ0 = 5``, ``a0 = 1``, excluded from weight decay) [paper, authors' code].
+patch grid, in patch units (paper, Eq. 3), and ``σ`` and ``a`` are learnable,
+initialised ``σ0 = 5``, ``a0 = 2`` (supplement §C: "used for all
+experiments"; a fresh bias between a patch and itself is ``a0² = 4``) and
+excluded from weight decay (supplement, Listing 1). As in the authors'
+``train.py`` (``sigma_param``, ``amplitude_param``), σ and ``a`` are learnt
+as raw parameters (``gab_sigma``, ``gab_amplitude``); only the σ → 0 division
+is guarded: ``1 / (2 (σ² + ε))`` with ``ε`` the dtype's machine epsilon,
+below the rounding of any σ of practical size.
 
 Project decisions (see ``METHODS.md`` §3):
 
-- ``σ`` is stored as ``log σ`` (parameter ``gab_sigma_log``) so it can never
-  cross zero; ``a`` is stored as is (parameter ``gab_amplitude``), the bias
-  uses ``a²``. Both names start with ``gab_`` so optimizer rules
-  (mmengine ``paramwise_cfg.custom_keys``, timm ``no_weight_decay``) find them.
+- ``param='log'`` is an option: σ is then stored as ``log σ`` (parameter
+  ``gab_sigma_log``), so it can never cross zero. Same bias at init; the
+  optimizer then steps in log σ. All parameter names start with ``gab_`` so
+  optimizer rules (mmengine ``paramwise_cfg.custom_keys``, timm
+  ``no_weight_decay``) find them.
 - Prefix tokens (class, register) get zero bias in their rows and columns.
 - The grid is passed in by the caller (from the patch embedding), never
   guessed from the token count, so other image sizes and
@@ -47,7 +54,7 @@ from torch.autograd.function import once_differentiable
 
 from .plugin_state import KeepsStateWhenAbsent
 
-__all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
+__all__ = ["GAB_GRANULARITIES", "GAB_PARAMS", "GaussianAttentionBias", "grid_distance_sq", "gaussian_attention_bias",
            "attention_with_bias", "packed_attention_with_bias", "FLEX_MIN_TOKENS", "flex_attention_available",
            "use_flex_gaussian_attention", "gaussian_score_mod", "flex_gaussian_attention", "SDPA_MASK_ALIGNMENT",
            "sdpa_mask_layout"]
@@ -56,6 +63,10 @@ __all__ = ["GAB_GRANULARITIES", "GaussianAttentionBias", "grid_distance_sq", "ga
 #: ``'head'``: one (σ, a) per head of each block; ``'network'``: one (σ, a)
 #: for the whole network (the model shares one module over all blocks).
 GAB_GRANULARITIES = ("block", "head", "network")
+
+#: How σ is learnt: ``'raw'``: σ itself (parameter ``gab_sigma``, the authors'
+#: code); ``'log'``: ``log σ`` (parameter ``gab_sigma_log``, a project option).
+GAB_PARAMS = ("raw", "log")
 
 _CACHE_SIZE = 4  # eval-time biases kept per module (one per recent grid size)
 
@@ -137,24 +148,47 @@ def grid_distance_sq(grid_size: Tuple[int, int], device: Optional[torch.device] 
     return dh * dh + dw * dw
 
 
-def gaussian_attention_bias(sigma_log: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
-                            num_prefix_tokens: int = 0) -> torch.Tensor:
+def _machine_eps(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).eps`` of a floating dtype, spelled out (TorchScript has no ``finfo``)."""
+    if dtype == torch.float64:
+        return 2.220446049250313e-16
+    if dtype == torch.float32:
+        return 1.1920928955078125e-07
+    if dtype == torch.bfloat16:
+        return 0.0078125
+    return 0.0009765625  # float16
+
+
+def _inv_two_var(sigma: torch.Tensor, log_sigma: bool) -> torch.Tensor:
+    """``1 / (2σ²)`` from the σ parameter: ``0.5 · exp(-2 log σ)``, or ``0.5 / (σ² + ε)`` (σ → 0 guarded)."""
+    if log_sigma:
+        return 0.5 * torch.exp(-2.0 * sigma)
+    return 0.5 / (sigma * sigma + _machine_eps(sigma.dtype))
+
+
+# a graph node under torch.fx symbolic tracing (the guard reads the dtype, which a tracing proxy does not have)
+torch.fx.wrap("_inv_two_var")
+
+
+def gaussian_attention_bias(sigma: torch.Tensor, amplitude: torch.Tensor, grid_size: Tuple[int, int],
+                            num_prefix_tokens: int = 0, param: str = "raw") -> torch.Tensor:
     """The GAB logit bias ``a² · exp(-(dh² + dw²) / (2σ²))`` for a patch grid.
 
     Args:
-        sigma_log: ``(P,)`` values of ``log σ`` (``P`` = 1 or number of heads).
+        sigma: ``(P,)`` values of σ (``param='raw'``) or of ``log σ``
+            (``param='log'``); ``P`` = 1 or number of heads.
         amplitude: ``(P,)`` values of ``a``.
         grid_size: ``(H, W)`` of the patch grid.
         num_prefix_tokens: Tokens placed before the patch tokens (class,
             register); their rows and columns of the bias are zero.
+        param: ``'raw'`` or ``'log'``, see :data:`GAB_PARAMS`.
 
     Returns:
         ``(1, P, T, T)`` bias with ``T = num_prefix_tokens + H * W``, ready to
         broadcast over ``(batch, heads, T, T)`` attention logits.
     """
-    d2 = grid_distance_sq(grid_size, device=sigma_log.device, dtype=sigma_log.dtype)
-    # 1 / (2σ²) = 0.5 · exp(-2 log σ): no division, σ > 0 by construction
-    inv_two_var = 0.5 * torch.exp(-2.0 * sigma_log)
+    d2 = grid_distance_sq(grid_size, device=sigma.device, dtype=sigma.dtype)
+    inv_two_var = _inv_two_var(sigma, param == "log")
     amp_sq = amplitude * amplitude
     bias = amp_sq[:, None, None] * torch.exp(-d2[None] * inv_two_var[:, None, None])
     if num_prefix_tokens > 0:
@@ -165,33 +199,37 @@ def gaussian_attention_bias(sigma_log: torch.Tensor, amplitude: torch.Tensor, gr
 class _GaussianAttentionBiasFn(torch.autograd.Function):
     """:func:`gaussian_attention_bias` on a precomputed distance matrix, with a hand-written backward.
 
-    The gradients are the closed forms ``d/da = 2a Σ g ⊙ G`` and
-    ``d/d(log σ) = a² / σ² Σ g ⊙ G ⊙ d²`` (``G = exp(-d² / 2σ²)``): a few
-    whole-matrix operations instead of autograd's chain, the cheaper path
-    while training.
+    With ``c = 1 / (2σ²)`` and ``G = exp(-c d²)`` the gradients are the closed
+    forms ``d/da = 2a Σ g ⊙ G`` and ``d/dθ = -a² (dc/dθ) Σ g ⊙ G ⊙ d²`` for
+    the σ parameter θ: ``-dc/dθ = 4σc²`` for θ = σ (``σ² + ε`` in ``c``),
+    ``2c`` for θ = log σ. A few whole-matrix operations instead of autograd's
+    chain, the cheaper path while training.
     """
 
     @staticmethod
-    def forward(ctx, sigma_log: torch.Tensor, amplitude: torch.Tensor, d2: torch.Tensor,
-                num_prefix_tokens: int) -> torch.Tensor:
-        inv_two_var = 0.5 * torch.exp(-2.0 * sigma_log)
+    def forward(ctx, sigma: torch.Tensor, amplitude: torch.Tensor, d2: torch.Tensor,
+                num_prefix_tokens: int, log_sigma: bool) -> torch.Tensor:
+        inv_two_var = _inv_two_var(sigma, log_sigma)
         gauss = torch.exp(d2[None] * (-inv_two_var)[:, None, None])
         bias = gauss * (amplitude * amplitude)[:, None, None]
         if num_prefix_tokens > 0:
             bias = nn.functional.pad(bias, [num_prefix_tokens, 0, num_prefix_tokens, 0])
-        ctx.save_for_backward(sigma_log, amplitude, d2, gauss)
+        ctx.save_for_backward(sigma, amplitude, d2, gauss, inv_two_var)
         ctx.num_prefix_tokens = num_prefix_tokens
+        ctx.log_sigma = log_sigma
         return bias.unsqueeze(0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        sigma_log, amplitude, d2, gauss = ctx.saved_tensors
+        sigma, amplitude, d2, gauss, c = ctx.saved_tensors
         p = ctx.num_prefix_tokens
         g = (grad[0, :, p:, p:] * gauss).flatten(1)  # (P, N*N)
         d_amplitude = 2.0 * amplitude * g.sum(1)
-        d_sigma_log = (amplitude * amplitude) * torch.exp(-2.0 * sigma_log) * torch.mv(g, d2.flatten())
-        return d_sigma_log, d_amplitude, None, None
+        weighted = (amplitude * amplitude) * torch.mv(g, d2.flatten())  # a² Σ g ⊙ G ⊙ d²
+        # -dc/dθ; raw: 4σc², written (weighted·c)·(4σc) so σ = 0 gives 0, not 0·inf
+        d_sigma = weighted * (2.0 * c) if ctx.log_sigma else (weighted * c) * (4.0 * sigma * c)
+        return d_sigma, d_amplitude, None, None, None
 
 
 def _biased_attention_forward(qkv: torch.Tensor, bias: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -453,7 +491,7 @@ def gaussian_score_mod(sigma: torch.Tensor, amplitude: torch.Tensor, grid_size: 
         ``score_mod(score, b, h, q_idx, kv_idx)``.
     """
     width = int(grid_size[1])
-    neg_inv_two_var = -0.5 / (sigma * sigma)
+    neg_inv_two_var = -_inv_two_var(sigma, False)  # σ → 0 guarded as in the materialised bias
     amp_sq = amplitude * amplitude
     per_head = sigma.numel() > 1
     p = int(num_prefix_tokens)
@@ -550,13 +588,18 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
         granularity: ``'block'`` (one σ, a shared over heads; the paper's
             default), ``'head'`` (one σ, a per head) or ``'network'`` (one
             σ, a; the model shares this module over all its blocks).
-        sigma_init: Initial σ in patch units (paper: 5). Must be > 0.
-        amplitude_init: Initial ``a`` (paper: 1); the bias scales with ``a²``.
+        sigma_init: Initial σ in patch units (supplement §C: 5). Must be > 0.
+        amplitude_init: Initial ``a`` (supplement §C: 2); the bias scales
+            with ``a²``.
             ``0`` warns: σ and a then get exactly zero gradients and never train.
         num_prefix_tokens: Class/register tokens before the patch tokens.
+        param: ``'raw'`` (learn σ itself, parameter ``gab_sigma``; the
+            authors' code) or ``'log'`` (learn ``log σ``, parameter
+            ``gab_sigma_log``; a project option). ``a`` is learnt as is
+            (``gab_amplitude``) in both.
 
     Raises:
-        ValueError: Unknown granularity, ``sigma_init`` <= 0, non-finite
+        ValueError: Unknown granularity or param, ``sigma_init`` <= 0, non-finite
             ``amplitude_init``, ``num_heads`` < 1 or ``num_prefix_tokens`` < 0.
     """
 
@@ -566,23 +609,26 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
             num_heads: int,
             granularity: str = "block",
             sigma_init: float = 5.0,
-            amplitude_init: float = 1.0,
+            amplitude_init: float = 2.0,
             num_prefix_tokens: int = 0,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
+            param: str = "raw",
     ) -> None:
         super().__init__()
         if granularity not in GAB_GRANULARITIES:
             raise ValueError(f"unknown GAB granularity {granularity!r}; use one of {GAB_GRANULARITIES}")
+        if param not in GAB_PARAMS:
+            raise ValueError(f"unknown GAB param {param!r}; use one of {GAB_PARAMS}")
         if not (isinstance(sigma_init, (int, float)) and math.isfinite(sigma_init) and sigma_init > 0):
-            raise ValueError(f"sigma_init must be a finite number > 0 (σ is learnt as log σ), got {sigma_init!r}")
+            raise ValueError(f"sigma_init must be a finite number > 0 (a standard deviation), got {sigma_init!r}")
         if not (isinstance(amplitude_init, (int, float)) and math.isfinite(amplitude_init)):
             raise ValueError(f"amplitude_init must be a finite number, got {amplitude_init!r}")
         if amplitude_init == 0:
             warnings.warn("GaussianAttentionBias(amplitude_init=0) (timm models: gab_amplitude_init=0): the bias "
                           "a²·exp(-d²/2σ²) and the gradients of σ and a (∝ a², 2a) are exactly 0, so σ and a never "
                           "leave their initial values and the model stays its plain host; use a nonzero "
-                          "amplitude_init (paper: 1) unless that is the point (an ablation)", UserWarning,
+                          "amplitude_init (supplement §C: 2) unless that is the point (an ablation)", UserWarning,
                           stacklevel=2)
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
@@ -594,9 +640,13 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
         self.sigma_init = float(sigma_init)
         self.amplitude_init = float(amplitude_init)
         self.num_prefix_tokens = num_prefix_tokens
+        self.param = param
         num_params = num_heads if granularity == "head" else 1
         dd = {"device": device, "dtype": dtype}
-        self.gab_sigma_log = nn.Parameter(torch.empty(num_params, **dd))
+        # exactly one of gab_sigma / gab_sigma_log is a parameter, the other is None
+        sigma = nn.Parameter(torch.empty(num_params, **dd))
+        self.register_parameter("gab_sigma", sigma if param == "raw" else None)
+        self.register_parameter("gab_sigma_log", sigma if param == "log" else None)
         self.gab_amplitude = nn.Parameter(torch.empty(num_params, **dd))
         self._bias_cache: Dict[Tuple, torch.Tensor] = {}
         self._distance_cache: Dict[Tuple, torch.Tensor] = {}
@@ -605,14 +655,22 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     def reset_parameters(self) -> None:
         """Set ``σ = sigma_init`` and ``a = amplitude_init``."""
         with torch.no_grad():
-            self.gab_sigma_log.fill_(math.log(self.sigma_init))
+            self._sigma_parameter().fill_(math.log(self.sigma_init) if self.param == "log" else self.sigma_init)
             self.gab_amplitude.fill_(self.amplitude_init)
         self.clear_cache()
 
+    def _sigma_parameter(self) -> torch.Tensor:
+        """The σ parameter as learnt: ``gab_sigma`` (``param='raw'``) or ``gab_sigma_log`` (``'log'``)."""
+        if self.gab_sigma is not None:
+            return self.gab_sigma
+        assert self.gab_sigma_log is not None
+        return self.gab_sigma_log
+
     @property
     def sigma(self) -> torch.Tensor:
-        """Current σ (patch units), ``exp(gab_sigma_log)``."""
-        return self.gab_sigma_log.exp()
+        """Current σ (patch units), differentiable: ``|gab_sigma|`` or ``exp(gab_sigma_log)``."""
+        sigma = self._sigma_parameter()
+        return sigma.exp() if self.param == "log" else sigma.abs()
 
     @torch.jit.unused
     def clear_cache(self) -> None:
@@ -622,15 +680,15 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     def compute_bias(self, grid_size: Tuple[int, int]) -> torch.Tensor:
         """The bias for ``grid_size``, recomputed from the current σ, a (differentiable, never cached)."""
         if torch.jit.is_scripting() or _is_tracing():
-            return gaussian_attention_bias(self.gab_sigma_log, self.gab_amplitude, grid_size,
-                                           self.num_prefix_tokens)
-        return _GaussianAttentionBiasFn.apply(self.gab_sigma_log, self.gab_amplitude, self._distance(grid_size),
-                                              self.num_prefix_tokens)
+            return gaussian_attention_bias(self._sigma_parameter(), self.gab_amplitude, grid_size,
+                                           self.num_prefix_tokens, self.param)
+        return _GaussianAttentionBiasFn.apply(self._sigma_parameter(), self.gab_amplitude, self._distance(grid_size),
+                                              self.num_prefix_tokens, self.param == "log")
 
     @torch.jit.unused
     def _distance(self, grid: Tuple[int, int]) -> torch.Tensor:
         # the squared-distance matrix depends only on the grid: kept for the recent grids
-        p = self.gab_sigma_log
+        p = self.gab_amplitude
         key = (tuple(grid), p.device, p.dtype)
         d2 = self._distance_cache.get(key)
         if d2 is None:
@@ -658,13 +716,13 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
         # Only in eval, only when no gradient reaches σ/a from this call, never in a captured graph.
         if self.training or _is_tracing():
             return False
-        wants_grad = torch.is_grad_enabled() and (self.gab_sigma_log.requires_grad
+        wants_grad = torch.is_grad_enabled() and (self._sigma_parameter().requires_grad
                                                   or self.gab_amplitude.requires_grad)
         return not wants_grad
 
     @torch.jit.unused
     def _cached_bias(self, grid: Tuple[int, int]) -> torch.Tensor:
-        p, a = self.gab_sigma_log, self.gab_amplitude
+        p, a = self._sigma_parameter(), self.gab_amplitude
         key = (tuple(grid), p.device, p.dtype, p._version, a._version, p.data_ptr(), a.data_ptr(),
                torch.is_inference_mode_enabled(), _sdpa_mask_dtype(p))
         bias = self._bias_cache.get(key)
@@ -726,4 +784,4 @@ class GaussianAttentionBias(KeepsStateWhenAbsent, nn.Module):
     def extra_repr(self) -> str:
         return (f"grid_size={self.grid_size}, num_heads={self.num_heads}, granularity={self.granularity!r}, "
                 f"sigma_init={self.sigma_init}, amplitude_init={self.amplitude_init}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}")
+                f"num_prefix_tokens={self.num_prefix_tokens}, param={self.param!r}")

@@ -24,3 +24,4 @@ from . import nan_safe_depth  # noqa: F401  NaN-safe depth loss, log-space head,
 from . import branch_dropout  # noqa: F401  dropout placement plugin for ResNet branches
 from . import bn_gamma_decay  # noqa: F401  L2 on BatchNorm gammas by category
 from . import timm_backbone  # noqa: F401  TIMMBackbone that reads pretrained weights at init_weights
+from . import swin_gab  # noqa: F401  Gaussian attention bias on Swin

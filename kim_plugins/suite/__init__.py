@@ -12,6 +12,8 @@ measures the mechanism each plugin claims and writes
   at two input sizes, with the ERF lattice of each;
 - ``vit``: a patch-4 ViT vs its GAB, PLN and GAB+PLN versions on Fashion-MNIST
   (:mod:`kim_plugins.suite.cls`), with PLN's contrast-robustness curve;
+- ``swin``: a patch-2 Swin vs its GAB version on Fashion-MNIST, with the learnt
+  σ and a of every block;
 - ``sap``: ResNet-18-D vs its SAP version, with SAP's train/eval consistency.
 
 Sizes: :mod:`kim_plugins.suite.settings`; report: :mod:`kim_plugins.suite.report`.

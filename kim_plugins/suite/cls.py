@@ -1,4 +1,4 @@
-"""The classification pairs of the suite on Fashion-MNIST: GAB/PLN ViTs and SAP ResNets.
+"""The classification pairs of the suite on Fashion-MNIST: GAB/PLN ViTs, GAB Swins and SAP ResNets.
 
 Plain torch training loops over timm models: images padded from 28 to 32
 pixels, grey replicated to RGB, normalised with the model's
@@ -16,6 +16,7 @@ Mechanisms measured here:
   ``contrast_change``/``evaluate``); the PLN invariance model(a*x) = model(x)
   checked on the trained models by scaling the normalised images; the learnt
   GAB sigma and amplitude per block.
+- Swin: the learnt GAB sigma and amplitude per block (window attention).
 - SAP: the pooled map size; eval output bit-identical to the plain ResNet with
   the same weights; train-mode output (only the SAP pools stochastic) differs
   from eval (asserted); mean and variance of the pooled features in train vs
@@ -43,9 +44,17 @@ CLS_PAIRS: Dict[str, Dict[str, Any]] = {
                           ("ViT + GAB", "vit_tiny_patch16_gab_224", False),
                           ("ViT + PLN", "vit_tiny_patch16_pln_224", False),
                           ("ViT + GAB + PLN", "vit_small_patch16_gab_pln_224", False)]),
+    "swin": dict(title="Swin (patch 2, window 4) on 32x32: Gaussian attention bias on the paper's segmentation host",
+                 variants=[("Swin", "swin_tiny_patch4_window7_224", True),
+                           ("Swin + GAB", "swin_tiny_patch4_window7_gab_224", False)]),
     "sap": dict(title="ResNet-18-D vs its stochastic-average-pooling version",
                 variants=[("ResNet-18-D", "resnet18d", True), ("ResNet-18-D + SAP", "resnet18d_sap", False)]),
 }
+
+
+def model_overrides(pair: str, settings) -> Dict[str, Any]:
+    """The ``timm.create_model`` overrides of a classification pair's models."""
+    return {"vit": settings.vit, "swin": settings.swin}.get(pair, settings.resnet)
 
 
 def make_classifier(timm_name: str, overrides: Dict[str, Any], seed: int) -> nn.Module:
@@ -138,7 +147,7 @@ def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
     For the budget estimate. Returns ``(step, forward, batch size)``.
     """
     _, name, _ = CLS_PAIRS[pair]["variants"][0]
-    return synthetic_classifier_step(name, settings.vit if pair == "vit" else settings.resnet, settings.cls_batch)
+    return synthetic_classifier_step(name, model_overrides(pair, settings), settings.cls_batch)
 
 
 def synthetic_classifier_step(timm_name: str, overrides: Dict[str, Any], batch: int) -> Tuple[Callable, Callable, int]:
@@ -279,7 +288,7 @@ def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
     from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
 
     spec = CLS_PAIRS[pair]
-    overrides = settings.vit if pair == "vit" else settings.resnet
+    overrides = model_overrides(pair, settings)
     test_x = data.test_images[:settings.cls_test_images]
     test_y = data.test_labels[:settings.cls_test_images]
     result = PairResult(pair=pair, title=spec["title"], description="", metric="top-1")
@@ -314,6 +323,10 @@ def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
                 gab = gab_parameters(model)
                 if gab:
                     result.mechanism.setdefault("gab", {})[name] = gab
+            if seed == 0 and pair == "swin":
+                gab = gab_parameters(model)
+                if gab:
+                    result.mechanism.setdefault("gab", {})[name] = gab
             if seed == 0 and pair == "sap" and not baseline:
                 result.mechanism["sap"] = sap_consistency(model, spec["variants"][0][1], overrides, probe_images)
             result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric="top-1",
@@ -329,6 +342,13 @@ def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
             f"`vit_small_patch16_gab_pln_224`, all created with the same overrides {v} (patch {v['patch_size']} on "
             f"{v['img_size']}x{v['img_size']}: an {v['img_size'] // v['patch_size']}x{v['img_size'] // v['patch_size']}"
             f" token grid + class token). ")
+    elif pair == "swin":
+        s = settings.swin
+        result.description = (
+            f"timm `swin_tiny_patch4_window7_224` vs `swin_tiny_patch4_window7_gab_224` (σ0 = 5, a0 = 2, one (σ, a) "
+            f"per block on top of Swin's relative position bias), both with the overrides {s}: a "
+            f"{s['img_size'] // s['patch_size']}x{s['img_size'] // s['patch_size']} grid in stage 1, windows of "
+            f"{s['window_size']}x{s['window_size']} tokens, every second block shifted. ")
     else:
         r = settings.resnet
         result.description = (

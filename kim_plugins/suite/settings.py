@@ -18,6 +18,7 @@ PAIR_GROUPS: Dict[str, Tuple[str, ...]] = {
     "se": ("se-uper", "se-aspp"),
     "rates": ("rates-small", "rates-large"),
     "vit": ("vit",),
+    "swin": ("swin",),
     "sap": ("sap",),
     "dropout": ("dropout",),
     "gamma": ("gamma",),
@@ -55,6 +56,8 @@ class SuiteSettings:
         erf_images: Validation scenes accumulated into each ERF map.
         variance_images: Validation scenes of the per-branch variance measurement.
         vit: Overrides of the patch-4, 32x32 ViT (``timm.create_model`` kwargs).
+        swin: Overrides of the 32x32 Swin of the Swin GAB pair (patch 2, window 4: a 16x16 then 8x8 grid,
+            shifted windows in both stages).
         resnet: Overrides of the ResNet-18-D of the SAP pair.
         diag_iters: Training iterations of the diagnostics pairs (dead pixel test, ViT augmentation).
         diag_test_images: Test images of the diagnostics pairs.
@@ -84,6 +87,8 @@ class SuiteSettings:
     erf_images: int = 16
     variance_images: int = 16
     vit: Dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2))
+    swin: Dict = field(default_factory=lambda: dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2),
+                                                    num_heads=(2, 4), window_size=4))
     resnet: Dict = field(default_factory=lambda: dict(channels=(16, 32, 64, 128), stem_width=16, output_stride=8))
     diag_iters: int = 200
     diag_test_images: int = 1000
@@ -134,5 +139,7 @@ def preset(name: str) -> SuiteSettings:
                              depth_train_scenes=4000, depth_val_scenes=500,
                              variance_images=64, diag_iters=3000, diag_test_images=10000,
                              vit=dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3),
+                             swin=dict(img_size=32, patch_size=2, embed_dim=96, depths=(2, 6),
+                                       num_heads=(3, 6), window_size=4),
                              resnet=dict(channels=(64, 128, 256, 512), stem_width=32, output_stride=8))
     raise ValueError(f"--suite must be 'quick' or 'full', got {name!r}")

@@ -94,14 +94,15 @@ torch.fx.wrap("_with_gab_bias")
 
 
 def _make_gab_layer(num_prefix_tokens: int, granularity: str, sigma_init: float,
-                    amplitude_init: float) -> Callable[..., GaussianAttentionBias]:
+                    amplitude_init: float, param: str = "raw") -> Callable[..., GaussianAttentionBias]:
     """Validated constructor of the per-block (or shared) bias module; the grid is always passed per call."""
     if granularity not in GAB_GRANULARITIES:
         raise ValueError(f"unknown gab_granularity {granularity!r}; use one of {GAB_GRANULARITIES}")
     # construct once to validate sigma/amplitude early, with a clear message
-    GaussianAttentionBias(None, 1, granularity, sigma_init, amplitude_init, num_prefix_tokens, device="meta")
+    GaussianAttentionBias(None, 1, granularity, sigma_init, amplitude_init, num_prefix_tokens, device="meta",
+                          param=param)
     return partial(GaussianAttentionBias, None, granularity=granularity, sigma_init=sigma_init,
-                   amplitude_init=amplitude_init, num_prefix_tokens=num_prefix_tokens)
+                   amplitude_init=amplitude_init, num_prefix_tokens=num_prefix_tokens, param=param)
 
 
 def _check_gab_kwargs(kwargs: Dict[str, Any], allowed_block: Type[nn.Module]) -> None:
@@ -343,19 +344,22 @@ class GabVisionTransformer(VisionTransformer):
         gab_granularity: ``'block'`` (one σ, a per block, shared over heads;
             default), ``'head'`` (per head) or ``'network'`` (one σ, a for the
             whole model, module ``gab``).
-        gab_sigma_init: Initial σ in patch units (paper: 5).
-        gab_amplitude_init: Initial amplitude ``a`` (paper: 1).
+        gab_sigma_init: Initial σ in patch units (supplement §C: 5).
+        gab_amplitude_init: Initial amplitude ``a`` (supplement §C: 2).
+        gab_param: ``'raw'`` (learn σ, the authors' code; default) or
+            ``'log'`` (learn log σ; project option).
         **kwargs: ``VisionTransformer`` arguments.
 
-    Parameters ``*.gab.gab_sigma_log`` (log σ) and ``*.gab.gab_amplitude``
-    are listed by :meth:`no_weight_decay`.
+    Parameters ``*.gab.gab_sigma`` (``*.gab.gab_sigma_log`` with
+    ``gab_param='log'``) and ``*.gab.gab_amplitude`` are listed by
+    :meth:`no_weight_decay`.
     """
 
     def __init__(self, gab_granularity: str = "block", gab_sigma_init: float = 5.0,
-                 gab_amplitude_init: float = 1.0, **kwargs: Any) -> None:
+                 gab_amplitude_init: float = 2.0, gab_param: str = "raw", **kwargs: Any) -> None:
         _check_gab_kwargs(kwargs, Block)
         num_prefix_tokens = int(kwargs.get("class_token", True)) + int(kwargs.get("reg_tokens", 0))
-        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init)
+        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init, gab_param)
         shared = gab_granularity == "network"
         super().__init__(block_fn=partial(GabBlock, gab_layer=None if shared else gab_layer),
                          attn_layer=GabAttention, **kwargs)
@@ -462,16 +466,16 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
     The paper's own hosts (Kim et al., BMVC 2023, arXiv:2305.04722). All
     :class:`~timm.models.vision_transformer_relpos.VisionTransformerRelPos`
     arguments are accepted (``block_fn`` is fixed to :class:`GabRelPosBlock`),
-    plus ``gab_granularity``, ``gab_sigma_init``, ``gab_amplitude_init`` as in
+    plus ``gab_granularity``, ``gab_sigma_init``, ``gab_amplitude_init``, ``gab_param`` as in
     :class:`GabVisionTransformer`. Like its host, the model has a fixed input
     size (``img_size`` at construction or ``set_input_size``).
     """
 
     def __init__(self, gab_granularity: str = "block", gab_sigma_init: float = 5.0,
-                 gab_amplitude_init: float = 1.0, **kwargs: Any) -> None:
+                 gab_amplitude_init: float = 2.0, gab_param: str = "raw", **kwargs: Any) -> None:
         _check_gab_kwargs(kwargs, RelPosBlock)
         num_prefix_tokens = int(kwargs.get("class_token", False))
-        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init)
+        gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init, gab_param)
         shared = gab_granularity == "network"
         super().__init__(block_fn=partial(GabRelPosBlock, gab_layer=None if shared else gab_layer), **kwargs)
         assert self.num_prefix_tokens == num_prefix_tokens

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from kim_plugins.layers.gaussian_attention_bias import (
+    GAB_PARAMS,
     GaussianAttentionBias,
+    _machine_eps,
     attention_with_bias,
     packed_attention_with_bias,
     gaussian_attention_bias,
@@ -29,8 +31,9 @@ def _expected_bias(grid, sigmas, amps, num_prefix):
 
 
 def _set(module, sigmas, amps):
+    sigmas = torch.tensor(sigmas, dtype=torch.float64)
     with torch.no_grad():
-        module.gab_sigma_log.copy_(torch.tensor(sigmas, dtype=torch.float64).log())
+        module._sigma_parameter().copy_(sigmas.log() if module.param == "log" else sigmas)
         module.gab_amplitude.copy_(torch.tensor(amps, dtype=torch.float64))
 
 
@@ -58,21 +61,65 @@ def test_bias_equals_formula_one_parameter(granularity, num_prefix):
                                torch.full((12,), 0.64, dtype=torch.float64))
 
 
-def test_bias_equals_formula_per_head():
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_bias_equals_formula_per_head(param):
     sigmas, amps = [0.5, 2.0, 7.0], [1.0, 0.3, -2.0]
-    gab = GaussianAttentionBias((4, 3), num_heads=3, granularity="head", num_prefix_tokens=1, dtype=torch.float64)
-    assert gab.gab_sigma_log.shape == (3,) and gab.gab_amplitude.shape == (3,)
+    gab = GaussianAttentionBias((4, 3), num_heads=3, granularity="head", num_prefix_tokens=1, dtype=torch.float64,
+                                param=param)
+    assert gab._sigma_parameter().shape == (3,) and gab.gab_amplitude.shape == (3,)
     _set(gab, sigmas, amps)
     torch.testing.assert_close(gab((4, 3)), _expected_bias((4, 3), sigmas, amps, 1), rtol=1e-12, atol=0)
 
 
-def test_init_values_and_sigma_stays_positive():
-    gab = GaussianAttentionBias(2, num_heads=1)
-    torch.testing.assert_close(gab.sigma, torch.tensor([5.0]))
-    torch.testing.assert_close(gab.gab_amplitude.detach(), torch.tensor([1.0]))
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_fresh_bias_is_published_init(param):
+    """Supplement §C: A0 = 2, σ0 = 5, so the diagonal is 4 and an offset d gives 4·exp(-d²/50)."""
+    gab = GaussianAttentionBias((6, 5), num_heads=3, num_prefix_tokens=1, dtype=torch.float64, param=param)
+    bias = gab()[0, 0, 1:, 1:]
+    torch.testing.assert_close(bias.diagonal(), torch.full((30,), 4.0, dtype=torch.float64), rtol=0, atol=0)
+    d2 = grid_distance_sq((6, 5), dtype=torch.float64)
+    torch.testing.assert_close(bias, 4.0 * torch.exp(-d2 / 50.0), rtol=1e-14, atol=0)
+    assert bias[0, 29].item() == pytest.approx(4.0 * math.exp(-(25 + 16) / 50.0), rel=1e-14)  # (0,0)-(5,4)
+
+
+def test_raw_is_the_default_and_log_is_the_option():
+    raw, log = GaussianAttentionBias(2, num_heads=1), GaussianAttentionBias(2, num_heads=1, param="log")
+    assert [n for n, _ in raw.named_parameters()] == ["gab_sigma", "gab_amplitude"]
+    assert [n for n, _ in log.named_parameters()] == ["gab_sigma_log", "gab_amplitude"]
+    assert raw.gab_sigma.item() == 5.0 and log.gab_sigma_log.item() == pytest.approx(math.log(5.0))
+    assert raw.gab_amplitude.item() == log.gab_amplitude.item() == 2.0
+    torch.testing.assert_close(raw.sigma, log.sigma)
+    torch.testing.assert_close(raw(), log(), rtol=1e-6, atol=0)
+
+
+def test_log_sigma_stays_positive():
+    gab = GaussianAttentionBias(2, num_heads=1, param="log")
     with torch.no_grad():
         gab.gab_sigma_log.fill_(-20.0)  # any real value of the parameter is a valid, positive σ
     assert gab.sigma.item() > 0 and torch.isfinite(gab()).all()
+
+
+def test_raw_sigma_sign_does_not_matter_and_zero_is_guarded():
+    gab = GaussianAttentionBias((3, 3), num_heads=1, sigma_init=1.5, dtype=torch.float64)
+    positive = gab()
+    with torch.no_grad():
+        gab.gab_sigma.neg_()
+    torch.testing.assert_close(gab(), positive, rtol=0, atol=0)
+    assert gab.sigma.item() == 1.5
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        gab = GaussianAttentionBias((3, 3), num_heads=1, dtype=dtype)
+        with torch.no_grad():
+            gab.gab_sigma.zero_()
+        bias = gab()  # σ = 0: the limit, a² on the diagonal and ~0 elsewhere, and finite gradients
+        assert torch.equal(bias[0, 0].diagonal(), torch.full((9,), 4.0, dtype=dtype))
+        torch.testing.assert_close(bias[0, 0], 4.0 * torch.eye(9, dtype=dtype), rtol=0, atol=1e-26)  # bf16: 4e^-64
+        bias.sum().backward()
+        assert torch.isfinite(gab.gab_sigma.grad).all() and torch.isfinite(gab.gab_amplitude.grad).all()
+
+
+def test_machine_eps_is_finfo():
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        assert _machine_eps(dtype) == torch.finfo(dtype).eps
 
 
 def test_amplitude_zero_gives_zero_bias_of_full_shape_and_warns_that_it_never_trains():
@@ -86,9 +133,10 @@ def test_amplitude_zero_gives_zero_bias_of_full_shape_and_warns_that_it_never_tr
     assert all(torch.count_nonzero(p.grad) == 0 for p in gab.parameters())
 
 
-def test_gradients_match_closed_form():
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_gradients_match_closed_form(param):
     gab = GaussianAttentionBias((3, 3), num_heads=1, sigma_init=2.0, amplitude_init=1.5, num_prefix_tokens=1,
-                                dtype=torch.float64)
+                                dtype=torch.float64, param=param)
     weights = torch.randn(1, 1, 10, 10, dtype=torch.float64)
     (gab() * weights).sum().backward()
     sigma, amp = 2.0, 1.5
@@ -98,15 +146,16 @@ def test_gradients_match_closed_form():
     g[:, 0] = 0
     w = weights[0, 0]
     d_amp = (w * 2 * amp * g).sum()
-    d_log_sigma = (w * amp ** 2 * g * d2 / sigma ** 2).sum()  # d/d log σ of exp(-d2 / 2σ²) = G d2 / σ²
+    d_sigma = (w * amp ** 2 * g * d2 / sigma ** 3).sum()  # d/dσ of exp(-d2 / 2σ²) = G d2 / σ³
     torch.testing.assert_close(gab.gab_amplitude.grad, d_amp.reshape(1))
-    torch.testing.assert_close(gab.gab_sigma_log.grad, d_log_sigma.reshape(1))
+    # d/d log σ = σ d/dσ
+    torch.testing.assert_close(gab._sigma_parameter().grad, (d_sigma * sigma if param == "log" else d_sigma).reshape(1))
 
 
 def test_grid_follows_the_call():
     gab = GaussianAttentionBias(None, num_heads=1, sigma_init=1.0, dtype=torch.float64)
     for grid in [(2, 5), (5, 2), (1, 1)]:
-        torch.testing.assert_close(gab(grid), _expected_bias(grid, [1.0], [1.0], 0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(gab(grid), _expected_bias(grid, [1.0], [2.0], 0), rtol=1e-12, atol=0)
     with pytest.raises(RuntimeError, match="needs the patch grid"):
         gab()
 
@@ -128,7 +177,7 @@ class TestEvalCache:
         bias = gab()  # eval with grad enabled: σ, a must still get gradients (e.g. ERF, frozen-BN fine-tuning)
         assert bias.requires_grad
         bias.sum().backward()
-        assert gab.gab_sigma_log.grad is not None
+        assert gab.gab_sigma.grad is not None
 
     @pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "to_double", "train_eval", "copy_"])
     def test_invalidated_when_parameters_change(self, change):
@@ -142,7 +191,7 @@ class TestEvalCache:
             opt.step()
             gab.eval()
         elif change == "load_state_dict":
-            gab.load_state_dict({"gab_sigma_log": torch.tensor([0.1]), "gab_amplitude": torch.tensor([3.0])})
+            gab.load_state_dict({"gab_sigma": torch.tensor([0.1]), "gab_amplitude": torch.tensor([3.0])})
         elif change == "to_double":
             gab.double()
         elif change == "train_eval":
@@ -231,6 +280,7 @@ def test_attention_with_bias_uses_sdpa_when_bias_is_constant():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(granularity="layer"), "unknown GAB granularity 'layer'"),
+    (dict(param="exp"), "unknown GAB param 'exp'; use one of \\('raw', 'log'\\)"),
     (dict(sigma_init=-1.0), "sigma_init must be a finite number > 0"),
     (dict(sigma_init=0.0), "sigma_init must be a finite number > 0"),
     (dict(amplitude_init=float("nan")), "amplitude_init must be a finite number"),
@@ -248,35 +298,40 @@ def test_bad_grid_and_heads():
         GaussianAttentionBias((2, 2), num_heads=0)
 
 
-def test_functional_form_matches_module():
-    sigma_log = torch.tensor([0.3, 1.1])
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_functional_form_matches_module(param):
+    sigma = torch.tensor([0.3, 1.1])
     amp = torch.tensor([0.7, 1.2])
-    gab = GaussianAttentionBias((3, 2), num_heads=2, granularity="head", num_prefix_tokens=2)
+    gab = GaussianAttentionBias((3, 2), num_heads=2, granularity="head", num_prefix_tokens=2, param=param)
     with torch.no_grad():
-        gab.gab_sigma_log.copy_(sigma_log)
+        gab._sigma_parameter().copy_(sigma)
         gab.gab_amplitude.copy_(amp)
-    torch.testing.assert_close(gab(), gaussian_attention_bias(sigma_log, amp, (3, 2), 2))
+    torch.testing.assert_close(gab(), gaussian_attention_bias(sigma, amp, (3, 2), 2, param))
 
 
+@pytest.mark.parametrize("param", GAB_PARAMS)
 @pytest.mark.parametrize("granularity, num_prefix", [("block", 0), ("head", 1), ("network", 3)])
-def test_training_path_gradients_pass_gradcheck(granularity, num_prefix):
-    """The module's hand-written backward (closed-form d/dσ, d/da) against finite differences."""
+def test_training_path_gradients_pass_gradcheck(granularity, num_prefix, param):
+    """The module's hand-written backward (closed-form d/dσ or d/d log σ, d/da) against finite differences."""
     gab = GaussianAttentionBias((3, 2), num_heads=2, granularity=granularity, num_prefix_tokens=num_prefix,
-                                dtype=torch.float64)
+                                dtype=torch.float64, param=param)
+    sigma_param = gab._sigma_parameter()
     with torch.no_grad():
-        gab.gab_sigma_log.uniform_(-0.5, 1.0)
+        if param == "log":
+            sigma_param.uniform_(-0.5, 1.0)
+        else:  # both signs of the raw σ
+            sigma_param.copy_(torch.linspace(-2.5, 1.7, sigma_param.numel()))
         gab.gab_amplitude.uniform_(-1.5, 1.5)
     weights = torch.randn(gab().shape, dtype=torch.float64)
 
-    def f(sigma_log, amplitude):
+    def f(sigma, amplitude):
         with torch.no_grad():
-            gab.gab_sigma_log.copy_(sigma_log)
+            sigma_param.copy_(sigma)
             gab.gab_amplitude.copy_(amplitude)
         out = gab((3, 2))
-        return (out * weights).sum(), torch.autograd.grad((out * weights).sum(), (gab.gab_sigma_log,
-                                                                                  gab.gab_amplitude))
+        return (out * weights).sum(), torch.autograd.grad((out * weights).sum(), (sigma_param, gab.gab_amplitude))
 
-    s0, a0 = gab.gab_sigma_log.detach().clone(), gab.gab_amplitude.detach().clone()
+    s0, a0 = sigma_param.detach().clone(), gab.gab_amplitude.detach().clone()
     _, (gs, ga) = f(s0, a0)
     eps = 1e-6
     for i in range(s0.numel()):
@@ -294,7 +349,7 @@ def test_distance_cache_follows_device_and_dtype():
     gab.double()
     bias = gab((2, 3))
     assert bias.dtype == torch.float64  # (σ was rounded to float32 before the move: 1e-7)
-    torch.testing.assert_close(bias, _expected_bias((2, 3), [5.0], [1.0], 0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(bias, _expected_bias((2, 3), [5.0], [2.0], 0), rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("tokens", [197, 200, 5])
@@ -317,7 +372,7 @@ def test_eval_cache_stores_the_sdpa_layout_on_its_devices_and_recomputes_for_ano
     monkeypatch.setattr(gab_mod, "_SDPA_LAYOUT_DEVICES", ("cpu",))  # the CUDA branch, exercised on CPU
     m = GaussianAttentionBias((3, 4), num_heads=2, granularity="head", num_prefix_tokens=1).eval()
     with torch.no_grad():
-        m.gab_sigma_log.copy_(torch.tensor([0.3, 1.1]))
+        m.gab_sigma.copy_(torch.tensor([1.3, 3.1]))
     ref = m.compute_bias((3, 4)).detach()
     with torch.no_grad():
         first = m((3, 4))
@@ -331,3 +386,27 @@ def test_eval_cache_stores_the_sdpa_layout_on_its_devices_and_recomputes_for_ano
     m.clear_cache()
     with torch.no_grad():
         assert m((3, 4)).is_contiguous()  # CPU default: the plain bias
+
+
+class _FunctionalBias(torch.nn.Module):
+    def __init__(self, param):
+        super().__init__()
+        self.param = param
+        self.sigma = torch.nn.Parameter(torch.tensor([1.7, 0.9]))
+        self.amplitude = torch.nn.Parameter(torch.tensor([2.0, -1.1]))
+
+    def forward(self, x):
+        return x + gaussian_attention_bias(self.sigma, self.amplitude, (3, 4), 1, self.param)
+
+
+@pytest.mark.parametrize("param", GAB_PARAMS)
+def test_functional_bias_traces_with_torch_fx(param):
+    """Plain torch.fx symbolic tracing (no leaf lists): the dtype-dependent σ → 0 guard is one graph node."""
+    model = _FunctionalBias(param)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(13, 13)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    assert any(n.op == "call_function" and getattr(n.target, "__name__", "") == "_inv_two_var"
+               for n in traced.graph.nodes)
+    traced(x).sum().backward()
+    assert torch.isfinite(model.sigma.grad).all() and torch.count_nonzero(model.sigma.grad) == 2

@@ -31,7 +31,7 @@ def _cfg(folder, name):
 
 @pytest.mark.parametrize("folder, tag, n_pairs", [(GAB, "-gab_", 4), (PLN, "-pln_", 2)])
 def test_every_plugin_config_has_its_baseline(folder, tag, n_pairs):
-    files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(folder, "*.py")))
+    files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(folder, "vit*.py")))  # Swin: test_swin_gab
     plugin = [f for f in files if tag in f]
     assert len(plugin) == n_pairs and len(files) == 2 * n_pairs
     for f in plugin:
@@ -42,6 +42,8 @@ def test_every_plugin_config_has_its_baseline(folder, tag, n_pairs):
         # the plugin name's host is the baseline's model; everything else is identical
         assert b.pop("model_name") != bb.pop("model_name")
         b.pop("gab_granularity", None)
+        if tag == "-gab_":  # the published init, spelled out (supplement §C)
+            assert (b.pop("gab_sigma_init"), b.pop("gab_amplitude_init")) == (5.0, 2.0)
         assert b == bb
         assert b["type"] == "LazyPretrainedTIMMBackbone" and b["pretrained"] is True
         assert "file" in b["pretrained_cfg_overlay"]
@@ -75,8 +77,8 @@ def test_optimizer_param_groups_exempt_sigma_and_amplitude_from_decay(name):
         for p in group["params"]:
             decay_of[id(p)] = group["weight_decay"]
     named = dict(model.named_parameters())
-    gab = [n for n in named if n.endswith((".gab_sigma_log", ".gab_amplitude"))]
-    assert len(gab) == 24  # (log σ, a) in each of the 12 blocks
+    gab = [n for n in named if n.endswith((".gab_sigma", ".gab_amplitude"))]
+    assert len(gab) == 24  # (σ, a) in each of the 12 blocks
     assert all(decay_of[id(named[n])] == 0.0 for n in gab)
     assert decay_of[id(named["backbone.timm_model.model.blocks.0.attn.qkv.weight"])] == 0.01
     # the model's own list agrees with the config's rule
@@ -128,7 +130,7 @@ def test_finetune_from_local_plain_vit_file(folder, name, plain_vit_file):
     if "gab" in name:
         assert len(new) == 24
         for key in new:
-            expected = torch.log(torch.tensor(5.0)) if key.endswith("sigma_log") else torch.tensor(1.0)
+            expected = torch.tensor(5.0) if key.endswith("gab_sigma") else torch.tensor(2.0)  # supplement §C
             torch.testing.assert_close(loaded[key], expected.reshape(1))
     else:
         assert new == ["patch_embed.norm.bias", "patch_embed.norm.weight"]
@@ -159,10 +161,10 @@ def test_tiny_train_and_eval_on_ade20k_fixture(folder, name, fixture_root, plain
     ckpt = torch.load(os.path.join(str(tmp_path), "iter_2.pth"), map_location="cpu", weights_only=False)
     keys = ckpt["state_dict"]
     if "gab" in name:
-        sigmas = [v for k, v in keys.items() if k.endswith("gab_sigma_log")]
+        sigmas = [v for k, v in keys.items() if k.endswith("gab_sigma")]
         assert len(sigmas) == 4
         if "relpos" not in name:  # (relpos: layer scale 1e-6 at init makes the first updates invisibly small)
-            assert any(not torch.allclose(s, torch.log(torch.tensor(5.0))) for s in sigmas)
+            assert any(not torch.allclose(s, torch.tensor(5.0)) for s in sigmas)
     else:
         assert "backbone.timm_model.model.patch_embed.norm.weight" in keys
 

@@ -15,7 +15,7 @@ import torch
 from timm.models import group_parameters
 
 import kim_plugins  # noqa: F401  registers the names
-from kim_plugins.layers.gaussian_attention_bias import GaussianAttentionBias, gaussian_attention_bias
+from kim_plugins.layers.gaussian_attention_bias import GaussianAttentionBias, gaussian_attention_bias, grid_distance_sq
 from kim_plugins.timm.kim_vit import GabVisionTransformer, GabVisionTransformerRelPos
 
 GAB_NAMES = [
@@ -50,7 +50,7 @@ def _x(batch=2, size=32, seed=0):
 
 
 def test_list_models():
-    assert set(timm.list_models("*_gab_*")) == set(GAB_NAMES)
+    assert set(timm.list_models("vit_*_gab_*")) == set(GAB_NAMES)
     assert set(timm.list_models("*_pln_*")) == set(PLN_NAMES)
 
 
@@ -61,7 +61,7 @@ def test_full_size_construction_adds_only_the_plugin_parameters(name):
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in host.parameters())
     expected = 0
     if "gab" in name:
-        expected += 2 * 12  # (log σ, a) per block, default granularity 'block'
+        expected += 2 * 12  # (σ, a) per block, default granularity 'block'
     if "pln" in name:
         expected += 2 * model.embed_dim - model.embed_dim  # LayerNorm weight and bias; no projection bias
     assert extra == expected
@@ -143,7 +143,7 @@ def test_torchscript(name, kwargs):
 def test_no_weight_decay_and_group_matcher(name):
     for granularity, n_gab in [("block", 4), ("head", 4), ("network", 2)]:
         model = _small(name, gab_granularity=granularity)
-        gab_names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("gab_sigma_log",
+        gab_names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("gab_sigma",
                                                                                        "gab_amplitude")}
         assert len(gab_names) == n_gab
         assert gab_names <= model.no_weight_decay()
@@ -153,7 +153,35 @@ def test_no_weight_decay_and_group_matcher(name):
         assert grouped == {n for n, _ in model.named_parameters()}
         if granularity != "network":
             block_of = {n: gid for gid, names in groups.items() for n in names}
-            assert block_of["blocks.1.gab.gab_sigma_log"] == block_of["blocks.1.attn.qkv.weight"]
+            assert block_of["blocks.1.gab.gab_sigma"] == block_of["blocks.1.attn.qkv.weight"]
+
+
+@pytest.mark.parametrize("name, prefix", [("vit_small_patch16_gab_224", 1), ("vit_relpos_small_patch16_gab_224", 0)])
+def test_fresh_model_bias_is_published_init(name, prefix):
+    """Supplement §C (A0 = 2, σ0 = 5): every block's bias is 4 on the diagonal and 4·exp(-d²/50) at offset d."""
+    model = timm.create_model(name, img_size=96, depth=2)
+    expected = 4.0 * torch.exp(-grid_distance_sq((6, 6)) / 50.0)
+    for block in model.blocks:
+        bias = block.gab((6, 6))[0, 0]
+        assert torch.count_nonzero(bias[:prefix]) == 0 and torch.count_nonzero(bias[:, :prefix]) == 0
+        assert torch.equal(bias[prefix:, prefix:].diagonal(), torch.full((36,), 4.0))
+        torch.testing.assert_close(bias[prefix:, prefix:], expected, rtol=1e-6, atol=0)
+        assert [n for n, _ in block.gab.named_parameters()] == ["gab_sigma", "gab_amplitude"]  # raw σ, as published
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_gab_224", "vit_relpos_small_patch16_gab_224"])
+def test_log_sigma_option_gives_the_same_model_at_init(name):
+    torch.manual_seed(0)
+    raw = _small(name).eval()
+    log = _small(name, gab_param="log").eval()
+    missing = log.load_state_dict(raw.state_dict(), strict=False).missing_keys
+    assert missing and all(k.endswith(".gab_sigma_log") for k in missing)
+    assert not any(k.endswith(".gab_sigma") for k, _ in log.named_parameters())
+    assert {n for n, _ in log.named_parameters() if n.endswith("gab_sigma_log")} <= log.no_weight_decay()
+    with torch.no_grad():
+        torch.testing.assert_close(log(_x()), raw(_x()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown GAB param 'exp'"):
+        _small(name, gab_param="exp")
 
 
 @pytest.mark.parametrize("granularity", ["block", "head", "network"])
@@ -206,7 +234,7 @@ def test_dynamic_img_size_uses_the_patch_grid(granularity):
                             gab_granularity=granularity, **kwargs).eval()
     gab.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randn(1, 3, 50, 78)
-    bias = gaussian_attention_bias(torch.tensor([math.log(1.3)]), torch.tensor([1.7]), (4, 5), 1)
+    bias = gaussian_attention_bias(torch.tensor([1.3]), torch.tensor([1.7]), (4, 5), 1)
     with torch.no_grad():
         torch.testing.assert_close(gab.forward_features(x), plain.forward_features(x, attn_mask=bias),
                                    rtol=1e-5, atol=1e-5)
@@ -344,9 +372,11 @@ def test_plain_checkpoint_loads_with_new_parameters_at_init(name, features_only,
     new = {k: v for k, v in state.items() if k[len(prefix):] not in host.state_dict()}
     assert new
     for key, value in new.items():
-        if key.endswith("gab_sigma_log"):
-            torch.testing.assert_close(value, torch.full_like(value, math.log(5.0)))
-        elif key.endswith("gab_amplitude") or key.endswith("norm.weight"):
+        if key.endswith("gab_sigma"):
+            assert torch.all(value == 5.0), key
+        elif key.endswith("gab_amplitude"):
+            assert torch.all(value == 2.0), key
+        elif key.endswith("norm.weight"):
             assert torch.all(value == 1.0), key
         else:
             assert key.endswith("patch_embed.norm.bias") and torch.all(value == 0.0), key

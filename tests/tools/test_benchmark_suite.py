@@ -51,10 +51,10 @@ def test_smoke_run_writes_report_csv_and_every_plot(small_fmnist, tmp_path):
     assert "sanity check, not a reproduction" in report
     assert report.index("## 1. Mechanisms") < report.index("## 2. Accuracy")
     for section in ("variance of each branch entering a fusion", "ERF lattice", "contrast change",
-                    "train/eval consistency"):
+                    "Gaussian attention bias on Swin", "train/eval consistency"):
         assert section in report
     assert "**NO**" not in report  # same data order, same init, SAP eval bit-identical
-    assert report.count("same data order and augmentation in every variant (per seed): yes") == 12
+    assert report.count("same data order and augmentation in every variant (per seed): yes") == 13
     assert "not significant (1 seed: no spread)" in report
     assert "(without SE " in report and "upsampled operands only (`equalize_all_branches=False`), start" in report
     assert "same run as in se-aspp" in report
@@ -66,16 +66,16 @@ def test_smoke_run_writes_report_csv_and_every_plot(small_fmnist, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["pair"], r["variant"]) for r in rows if r["baseline"] == "True"] == [
         ("se-uper", "UPerHead"), ("se-aspp", "ASPPHead"), ("rates-small", "rates (1, 12, 24, 36)"),
-        ("rates-large", "rates (1, 12, 24, 36)"), ("vit", "ViT"), ("sap", "ResNet-18-D"), ("dropout", "no dropout"),
+        ("rates-large", "rates (1, 12, 24, 36)"), ("vit", "ViT"), ("swin", "Swin"), ("sap", "ResNet-18-D"), ("dropout", "no dropout"),
         ("gamma", "no gamma decay"), ("infonce", "InfoNCE tau 0.5"), ("depth", "mmseg SiLogLoss"),
         ("deadpixel", "ResNet-18"), ("vitaug", "Mixup 0.8 + CutMix 1.0 + const erasing")]
-    assert len(rows) == 30
+    assert len(rows) == 32
     assert "### Dead pixel test" in report and "### Variance-safe ViT augmentation" in report
     for r in rows:
         assert 0.0 <= float(r["mean"]) <= 100.0 and int(r["iters"]) == 2 and float(r["gflops"]) > 0
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 30
+    assert len(runs) == 32
     # the resolution-aware heads used the rule's rates at the two sizes: (1, 2, 3, 5) at 96 and (1, 2, 5, 7) at 128
     dil = {r["pair"]: r["extra"] for r in runs if r["variant"] == "resolution-aware rates"}
     assert "dilations=(1, 2, 3, 5)" in dil["rates-small"] and "dilations=(1, 2, 5, 7)" in dil["rates-large"]
