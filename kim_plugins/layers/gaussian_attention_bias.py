@@ -350,11 +350,14 @@ def _float32_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
         return torch.matmul(probs.to(v.dtype), v)
 
 
+@torch.jit.unused  # TorchScript never calls it: every caller checks torch.jit.is_scripting() first
 def _needs_float32_bias(query: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> bool:
     # a float32 (or wider) bias with half-precision q/k/v: autocast, or a half model with a float32 bias.
     # [decision] not on CUDA: there SDPA's fused kernels (memory-efficient, flex) accumulate the logits and the
     # softmax in float32 and only the bias itself is rounded to the half dtype; an explicit float32 attention
     # would store the (B, heads, N, N) float32 logits and give up the fused kernel.
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False  # proxies carry no dtype/device to branch on: the traced graph keeps SDPA
     return (attn_bias is not None and attn_bias.is_floating_point() and query.device.type != "cuda"
             and query.dtype in (torch.float16, torch.bfloat16) and attn_bias.dtype in (torch.float32, torch.float64))
 

@@ -444,7 +444,7 @@ def test_plain_checkpoint_loads_for_every_granularity(granularity, tmp_path):
     plain_sd, _ = _plain_checkpoint("vit_small_patch16_gab_224", tmp_path)
     model = _small("vit_small_patch16_gab_224", gab_granularity=granularity)
     model.load_state_dict(plain_sd)
-    assert all(torch.all(m.gab_amplitude == 1.0) for m in model.modules() if isinstance(m, GaussianAttentionBias))
+    assert all(torch.all(m.gab_amplitude == 2.0) for m in model.modules() if isinstance(m, GaussianAttentionBias))
 
 
 def test_wrong_checkpoints_still_fail_by_load_state_dict(tmp_path):
