@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
+from .markdown import markdown_table
+
 __all__ = [
     "TimingResult",
     "compare_timings",
@@ -191,15 +193,6 @@ def peak_cuda_memory(fn: Callable[[], Any], device: torch.device) -> int:
 
 def format_table(rows: List[Mapping[str, Any]], columns: Optional[List[str]] = None,
                  floatfmt: str = "{:.3f}") -> str:
-    """Render dict rows as a Markdown table."""
-    if not rows:
-        return "(no rows)"
-    columns = columns or list(rows[0])
-
-    def fmt(v: Any) -> str:
-        return floatfmt.format(v) if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+    """Render dict rows as a Markdown table (:func:`kim_plugins.markdown.markdown_table`)."""
+    return markdown_table(rows, columns if columns is not None else (list(rows[0]) if rows else None),
+                          floatfmt=floatfmt)
