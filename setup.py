@@ -17,6 +17,25 @@ setup(
         "torch>=2.0",
         "timm>=1.0.24",
     ],
+    # one command per tool of kim_plugins.cli (tools/*.py are the same entry points, mmseg-style)
+    entry_points={
+        "console_scripts": [
+            "kim-atrous-rates=kim_plugins.cli.atrous_rates:main",
+            "kim-benchmark=kim_plugins.cli.benchmark:main",
+            "kim-cam=kim_plugins.cli.cam:main",
+            "kim-check-dataset=kim_plugins.cli.check_dataset:main",
+            "kim-check-vit-augmentation=kim_plugins.cli.check_vit_augmentation:main",
+            "kim-config-matrix=kim_plugins.cli.config_matrix:main",
+            "kim-convert-timm-resnet=kim_plugins.cli.convert_timm_resnet:main",
+            "kim-dead-pixel-test=kim_plugins.cli.dead_pixel_test:main",
+            "kim-erf=kim_plugins.cli.erf:main",
+            "kim-list-plugins=kim_plugins.cli.list_plugins:main",
+            "kim-robustness=kim_plugins.cli.robustness:main",
+            "kim-summarize=kim_plugins.cli.summarize:main",
+            "kim-test=kim_plugins.cli.test:main",
+            "kim-train=kim_plugins.cli.train:main",
+        ],
+    },
     extras_require={
         # mmcv must be built with its ops (see tools/setup.sh); pip cannot express that.
         "mmseg": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex"],

@@ -2,7 +2,7 @@
 """Rule vs ERF search for the atrous-rate configs: writes benchmarks/results/atrous_rates_search.{md,json}.
 
 For every resolution-aware config of ``configs/atrous_rates/`` this runs
-``tools/atrous_rates.py --search`` (mean ERF coverage over a grid of output
+``tools/atrous_rates.py --search`` (:mod:`kim_plugins.cli.atrous_rates`; mean ERF coverage over a grid of output
 positions, for every integer r_max of a range, the rule's ladder shape) and
 tabulates the r_max the search picks against the rule's. The models are
 untrained (no weights can be downloaded here) and the images synthetic, so
@@ -34,12 +34,10 @@ from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, ROOT)
 
-import atrous_rates  # noqa: E402  tools/atrous_rates.py
-
-from kim_plugins.benchmarking import format_table  # noqa: E402
+from kim_plugins.cli import atrous_rates  # noqa: E402
+from kim_plugins.markdown import markdown_table  # noqa: E402
 
 CFG = os.path.join(ROOT, "configs", "atrous_rates")
 # key, config, search size used on CPU (None = the crop), r_max range and step at that size.
@@ -111,7 +109,7 @@ def trained(args: argparse.Namespace) -> None:
                 sweeps[f"{pair}/{name}/wide"] = s
                 rows.append(_trained_row(f"{size}x{2 * size}", weights, s, rule[-1], input=f"{size}x{2 * size}",
                                          num_images=len(wide), long_side_rule_r_max=long_rule[-1]))
-    table = format_table(rows)
+    table = markdown_table(rows)
     md = ["# Atrous rates: rule vs ERF-coverage search on trained weights", "",
           "Weights: the main job's rates pair (`kim_plugins.suite`, quick preset, seed 0), trained on the Fashion "
           f"scenes; images: its real validation scenes. ERF target: the decoder features before `conv_seg` (centre "
@@ -167,7 +165,7 @@ def main() -> None:
         if step > 1:
             argv += ["--r-max-step", str(step)]
         print(f"== {key}: {' '.join(argv[1:])}", flush=True)
-        s = atrous_rates.main(argv)["search"]
+        s = atrous_rates.run(atrous_rates.parse_args(argv))["search"]
         sweeps[key] = s
         rows.append(dict(dataset=key, crop="x".join(map(str, s["crop_size"])), OS=s["output_stride"],
                          search_input="x".join(map(str, s["search_size"])),
@@ -179,7 +177,7 @@ def main() -> None:
                          search_rates_scaled_to_crop=str(atrous_rates.rate_ladder(
                              int(round(s["search_best_r_max_scaled_to_crop"])), s["num_rates"])),
                          seconds=s["seconds"]))
-    table = format_table(rows)
+    table = markdown_table(rows)
     md = ["# Atrous rates: rule vs ERF-coverage search", "",
           "Weights: untrained (each config's own initialisation, nothing downloaded); images: synthetic "
           "dataset fixtures. Coverage of an output position = fraction of the image where its ERF "

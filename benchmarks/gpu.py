@@ -70,7 +70,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kim_plugins.benchmarking import AA_CONTROL_SUFFIX, TimingResult, format_table  # noqa: E402
+from kim_plugins.benchmarking import AA_CONTROL_SUFFIX, TimingResult  # noqa: E402
+from kim_plugins.markdown import markdown_table  # noqa: E402
 
 #: flex last: compiling its kernel is the one step whose duration is unknown (run 1 was killed inside it)
 SECTIONS = ("se", "gab", "pln", "sap", "erf", "suite", "flex")
@@ -838,7 +839,7 @@ def render_md(report: Dict[str, Any]) -> str:
         rows = sec.get("rows", [])
         if rows:
             present = [c for c in cols if any(c in r for r in rows)]
-            lines += ["", format_table([{c: _fmt(r.get(c, "")) for c in present} for r in rows], present)]
+            lines += ["", markdown_table([{c: _fmt(r.get(c, "")) for c in present} for r in rows], present)]
             extra = [r for r in rows if r.get("attention_kernels_plugin") or "first_call_s" in r
                      or r.get("profile_plugin")]
             for r in extra:

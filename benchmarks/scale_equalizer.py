@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kim_plugins.benchmarking import compare_timings, format_table, saved_activation_bytes  # noqa: E402
+from kim_plugins.benchmarking import compare_timings, saved_activation_bytes  # noqa: E402
+from kim_plugins.markdown import markdown_table  # noqa: E402
 
 BN = dict(type="BN", requires_grad=True)
 
@@ -147,7 +148,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     for key in args.heads:
         print(f"== {key}", flush=True)
         rows.extend(bench_head(key, cases[key], args))
-        print(format_table(rows[-3:]), flush=True)
+        print(markdown_table(rows[-3:]), flush=True)
     meta = dict(rounds=args.rounds, eval_rounds=args.eval_rounds, warmup=args.warmup, threads=args.threads,
                 feature_scale=args.feature_scale,
                 torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
@@ -160,7 +161,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
           f"medians of per-round ratios (IQR), A/A = parent vs itself in the same run. Feature sizes = the "
           f"configs' crops x {args.feature_scale} per side (inputs: channels x H x W per level). torch "
           f"{torch.__version__}. Produced by `python benchmarks/scale_equalizer.py`.", "",
-          format_table(rows, cols, floatfmt="{:.4g}"), ""]
+          markdown_table(rows, cols, floatfmt="{:.4g}"), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md))

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import timm  # noqa: E402
 
 import kim_plugins  # noqa: E402,F401
-from kim_plugins.benchmarking import compare_timings, format_table, saved_activation_bytes  # noqa: E402
+from kim_plugins.benchmarking import compare_timings, saved_activation_bytes  # noqa: E402
+from kim_plugins.markdown import markdown_table  # noqa: E402
 from kim_plugins.layers.stochastic_pool import STOCHASTIC_POOL_TYPES  # noqa: E402
 
 TIMM_PAIRS = [("resnet18", "resnet18_sap"), ("resnet50", "resnet50_sap"),
@@ -91,7 +92,7 @@ def _mmseg_pairs(device: torch.device, archs: Tuple[str, ...] = ("pspnet", "deep
     except ImportError as e:  # pragma: no cover - depends on the installation
         print(f"mmseg pairs skipped: {e}")
         return []
-    from kim_plugins.testing.tiny import sync_bn_to_bn
+    from kim_plugins.config.rewrite import sync_bn_to_bn
 
     pairs = []
     d8 = dict(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True)
@@ -212,7 +213,7 @@ def _bench(name: str, plain: nn.Module, sap: nn.Module, x: torch.Tensor, args: a
     res.update(_pool_level(plain, sap, x, args, device))
     res["pool_bound_train_ratio"] = 1 + res["pool_extra_train_ms"] / res["train_plain_ms"]
     res["pool_bound_eval_ratio"] = 1 + 1e-3 * res["pool_extra_eval_us"] / res["eval_plain_ms"]
-    print(format_table([_row(res)]), flush=True)
+    print(markdown_table([_row(res)]), flush=True)
     return res
 
 
@@ -277,7 +278,7 @@ def main() -> None:
                torch=torch.__version__,
                timm=timm.__version__, machine=platform.processor() or platform.machine(),
                cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    table = format_table([_row(r) for r in results])
+    table = markdown_table([_row(r) for r in results])
     md = ["# Stochastic average pooling: cost vs plain (same run)", "",
           f"`python benchmarks/stochastic_pool.py` — {env['device']}, {env['threads']} pinned thread(s), batch "
           f"{env['batch']} at {env['size']}x{env['size']} for timm, batch {env['seg_batch']} at "

@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import timm  # noqa: E402
 
 import kim_plugins  # noqa: E402,F401  registers the names
-from kim_plugins.benchmarking import compare_timings, format_table  # noqa: E402
+from kim_plugins.benchmarking import compare_timings  # noqa: E402
+from kim_plugins.markdown import markdown_table  # noqa: E402
 
 PAIRS = [  # plugin name -> plain timm host
     ("vit_tiny_patch16_gab_224", "vit_tiny_patch16_224"),
@@ -179,7 +180,7 @@ def _write(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
           f"itself in the same rounds (noise floor), `cpu_bb` the host against a second, separately allocated instance of the same model (weight placement alone moves MKL's speed by a few percent). `meets_target` uses the CPU-time ratio; `measured`: the date of the row's run "
           f"(`--update` keeps the rows of earlier runs; empty: before dates were recorded). Load average at the "
           f"end of the last run: {env['load_avg']:.1f} (a shared machine: wall-time ratios are noisy).", "",
-          format_table(rows, columns), ""]
+          markdown_table(rows, columns), ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md))

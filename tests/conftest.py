@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kim_plugins.testing.dataset_fixtures import FIXTURES, make_all_fixtures  # noqa: E402
+from kim_plugins.dry_run.dataset_fixtures import FIXTURES, make_all_fixtures  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 
 Configs are discovered by globbing ``configs/**/*.py`` (``_base_`` pieces
 excluded), so a config added later is covered without touching this file.
-Each one is shrunk with ``kim_plugins.testing.tiny.tiny_config`` — the same
+Each one is shrunk with ``kim_plugins.dry_run.tiny.tiny_config`` — the same
 overrides as ``tools/train.py --tiny``: data_root -> the fixture of its
 dataset class, small crops, BN, no pretrained download — and then:
 
@@ -27,8 +27,8 @@ import torch
 from mmengine.config import Config
 
 from kim_plugins.config_names import find_baseline, parse_config_name
-from kim_plugins.testing.dataset_fixtures import FIXTURES
-from kim_plugins.testing.tiny import tiny_config
+from kim_plugins.dry_run.dataset_fixtures import FIXTURES
+from kim_plugins.dry_run.tiny import tiny_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
@@ -154,12 +154,8 @@ def test_config_name_follows_mmseg_scheme_and_plugins_sit_beside_their_baseline(
 
 def test_config_matrix_readme_is_in_sync_with_the_files():
     """configs/README.md is generated from the files: a config added, renamed or removed must regenerate it."""
-    import importlib.util
+    from kim_plugins.cli import config_matrix as tool
 
-    spec = importlib.util.spec_from_file_location("kim_tools_config_matrix",
-                                                  os.path.join(REPO, "tools", "config_matrix.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     text = open(os.path.join(REPO, "configs", "README.md")).read()
     assert text == tool.render(), "configs/README.md is out of date: run python tools/config_matrix.py"
     for path in CONFIGS:  # every config appears, with a link

@@ -20,7 +20,8 @@ present (``mmengine.device.get_device() == 'cpu'``, e.g. no GPU or
   ``pytorch`` (torchrun), ``slurm`` or ``mpi`` environment, as mmengine does
   but without selecting a CUDA device. The runner then finds the group
   initialised and skips its own ``init_dist``.
-- :func:`prepare_cpu_distributed` rewrites a config for a CPU multi-process run:
+- :func:`~kim_plugins.config.rewrite.prepare_cpu_distributed` (the config
+  part, in :mod:`kim_plugins.config.rewrite`; re-exported here) rewrites a config for a CPU multi-process run:
   ``env_cfg.dist_cfg.backend='gloo'``, ``SyncBN`` -> ``BN`` in the model,
   ``sync_bn`` dropped, the model wrapper switched to
   :class:`CPUCapableDistributedDataParallel`, and
@@ -56,7 +57,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as torch_dist
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
 from mmengine.device import get_device
 from mmengine.dist import all_reduce_params, is_distributed
 from mmengine.hooks import Hook
@@ -64,7 +65,7 @@ from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import HOOKS, MODEL_WRAPPERS
 
-from kim_plugins.config_rewrite import sync_bn_to_bn
+from kim_plugins.config.rewrite import prepare_cpu_distributed
 
 __all__ = [
     "accelerator_absent",
@@ -75,8 +76,6 @@ __all__ = [
     "SyncBuffersPerIterHook",
 ]
 
-CPU_WRAPPER = "CPUCapableDistributedDataParallel"
-_DDP_TYPES = ("MMDistributedDataParallel", "DistributedDataParallel", CPU_WRAPPER)
 _LAUNCHERS = ("pytorch", "slurm", "mpi")
 
 
@@ -139,63 +138,7 @@ def init_cpu_dist(launcher: str, backend: str = "gloo", port: Optional[int] = No
     torch_dist.init_process_group(backend=backend, **kwargs)
 
 
-# --------------------------------------------------------------------------- config
-
-def prepare_cpu_distributed(cfg: Config) -> List[str]:
-    """Rewrite ``cfg`` in place for a multi-process run on CPUs; return what was changed.
-
-    Call it only for a CPU run with a launcher (see :func:`setup_launch`).
-
-    Changes: ``env_cfg.dist_cfg.backend`` -> ``'gloo'`` (unless ``'gloo'`` or
-    ``'mpi'``); every ``SyncBN`` in ``cfg.model`` -> ``BN``; ``cfg.sync_bn``
-    removed; ``model_wrapper_cfg`` type -> :class:`CPUCapableDistributedDataParallel`
-    (other arguments kept; mmseg's ``broadcast_buffers=False`` and
-    ``find_unused_parameters`` when it was unset); :class:`SyncBuffersPerIterHook`
-    appended to ``custom_hooks``.
-
-    Raises:
-        ValueError: ``model_wrapper_cfg`` names a wrapper that is not a plain
-            DDP (e.g. FSDP or ``MMSeparateDistributedDataParallel``), which this
-            module cannot make CPU-capable.
-    """
-    changes: List[str] = []
-    env = cfg.get("env_cfg")
-    if env is None:
-        env = cfg.env_cfg = ConfigDict()
-    dist_cfg = env.get("dist_cfg")
-    if dist_cfg is None:
-        dist_cfg = env.dist_cfg = ConfigDict()
-    backend = dist_cfg.get("backend", "nccl")
-    if backend not in ("gloo", "mpi"):
-        dist_cfg.backend = "gloo"
-        changes.append(f"env_cfg.dist_cfg.backend: {backend!r} -> 'gloo'")
-    n = sync_bn_to_bn(cfg.model)
-    if n:
-        changes.append(f"model: {n} SyncBN norm config(s) -> BN (buffers averaged by SyncBuffersPerIterHook)")
-    if cfg.get("sync_bn") is not None:
-        changes.append(f"sync_bn={cfg.sync_bn!r} removed")
-        cfg.sync_bn = None
-    wrapper = cfg.get("model_wrapper_cfg")
-    if wrapper is None:
-        cfg.model_wrapper_cfg = ConfigDict(type=CPU_WRAPPER, broadcast_buffers=False,
-                                           find_unused_parameters=cfg.get("find_unused_parameters", False))
-        changes.append(f"model_wrapper_cfg: MMDistributedDataParallel -> {CPU_WRAPPER}")
-    else:
-        wtype = wrapper.get("type", "MMDistributedDataParallel")
-        if wtype not in _DDP_TYPES:
-            raise ValueError(f"model_wrapper_cfg.type={wtype!r} cannot run on CPU processes; only "
-                             f"{_DDP_TYPES} can. Run it on GPUs, or set model_wrapper_cfg.type="
-                             f"'{CPU_WRAPPER}'")
-        if wtype != CPU_WRAPPER:
-            wrapper.type = CPU_WRAPPER
-            changes.append(f"model_wrapper_cfg: {wtype} -> {CPU_WRAPPER}")
-    hooks = list(cfg.get("custom_hooks") or [])
-    if not any(h.get("type") == "SyncBuffersPerIterHook" for h in hooks):
-        hooks.append(ConfigDict(type="SyncBuffersPerIterHook"))
-        cfg.custom_hooks = hooks
-        changes.append("custom_hooks: + SyncBuffersPerIterHook")
-    return changes
-
+# --------------------------------------------------------------------------- launch
 
 def setup_launch(cfg: Config) -> List[str]:
     """Make a config with ``cfg.launcher != 'none'`` launchable here; a no-op on GPUs.

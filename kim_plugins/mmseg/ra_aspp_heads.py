@@ -42,6 +42,7 @@ from mmseg.models.decode_heads import ASPPHead, DepthwiseSeparableASPPHead
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
+from kim_plugins.config.inspect import crop_size as config_crop_size
 from kim_plugins.layers.atrous import (measure_output_stride, normalize_crop_size,
                                        resolve_dilations)
 
@@ -298,8 +299,9 @@ def resolve_auto_dilations(cfg: Union[Config, Dict[str, Any]]) -> Union[Config, 
     Builds the config's backbone (+ neck) once (no weights are loaded), runs a
     dummy forward at the crop size and returns a copy of ``cfg`` whose heads
     with ``dilations='auto'`` carry explicit ``crop_size`` and integer
-    ``output_stride``. ``crop_size`` defaults to the data preprocessor's
-    ``size``, then to the config's top-level ``crop_size``.
+    ``output_stride``. A missing ``crop_size`` is the config's training crop
+    (:func:`kim_plugins.config.inspect.crop_size`: the data preprocessor's
+    ``size``, then the config's ``crop_size``, then the train pipeline's crop).
 
     Args:
         cfg: An mmengine ``Config`` (or dict) with ``cfg.model``.
@@ -329,7 +331,7 @@ def resolve_auto_dilations(cfg: Union[Config, Dict[str, Any]]) -> Union[Config, 
         feats = backbone(x)
         return neck(feats) if neck is not None else feats
 
-    default_crop = (model.get("data_preprocessor") or {}).get("size") or cfg.get("crop_size")
+    default_crop = config_crop_size(cfg)
     in_channels = backbone_cfg.get("in_channels", 3)
     fn = lambda c: _resolve_head_cfg(c, extract_feat, default_crop, in_channels, modules)  # noqa: E731
     for key in ("decode_head", "auxiliary_head"):

@@ -34,7 +34,7 @@ import contextvars
 import functools
 import os.path as osp
 import pickle
-from typing import Any, Callable, FrozenSet, Iterator
+from typing import Any, Callable, FrozenSet, Iterator, Optional
 
 import torch
 from mmengine.logging import print_log
@@ -42,7 +42,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 
 __all__ = ["TRUST_FLAG", "CheckpointTrustError", "trusted_resume_paths", "trust_local_checkpoint",
-           "weights_only_refusal", "is_weights_only_refusal", "install_resume_fix"]
+           "weights_only_refusal", "is_weights_only_refusal", "install_resume_fix", "checkpoint_loading"]
 
 # Real paths of local files the running ``Runner.resume`` call was asked to load.
 _TRUSTED_RESUME_PATHS: contextvars.ContextVar[FrozenSet[str]] = contextvars.ContextVar(
@@ -153,3 +153,37 @@ def install_resume_fix() -> None:
 
 
 install_resume_fix()
+
+
+@contextlib.contextmanager
+def checkpoint_loading(path: Optional[str], trusted: bool) -> Iterator[None]:
+    """Run a block that loads ``path`` (``load_from``), trusted or with an explained refusal.
+
+    Every tool that loads a checkpoint as weights stays safe by default and
+    takes ``--trust-checkpoint`` for a file the user trusts, which scopes full
+    unpickling to exactly that file through :func:`trust_local_checkpoint`;
+    without it the refusal names the flag.
+
+    Args:
+        path: The checkpoint the block loads (``None``: nothing to load).
+        trusted: The user passed ``--trust-checkpoint``: fully unpickle exactly
+            ``path`` if safe loading refuses it.
+
+    Raises:
+        pickle.UnpicklingError: Safe loading refused a file and ``trusted`` is
+            False; the message names ``--trust-checkpoint`` (the original error
+            is chained).
+    """
+    if not path:
+        yield
+        return
+    if trusted:
+        with trust_local_checkpoint(path):
+            yield
+        return
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        if not is_weights_only_refusal(err):
+            raise  # already explained by the local loader, or another failure
+        raise weights_only_refusal(path, err) from err

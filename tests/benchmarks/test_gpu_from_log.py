@@ -1,8 +1,6 @@
 """benchmarks/gpu_from_log.py: the published run-1 GPU figures are exactly what the surviving log says."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
@@ -12,11 +10,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("gpu_from_log", os.path.join(ROOT, "benchmarks", "gpu_from_log.py"))
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    return m
+    from benchmarks import gpu_from_log
+
+    return gpu_from_log
 
 
 def test_published_files_are_the_parse_of_the_committed_log(mod, tmp_path):

@@ -1,8 +1,6 @@
 """benchmarks/gpu.py: the --tiny run on CPU writes a complete, self-consistent report that never passes for GPU figures."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -13,17 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MEASURED = ("se", "gab", "pln", "sap", "erf", "flex")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", os.path.join(ROOT, "benchmarks", "gpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass needs the module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def gpu():
-    return _load()
+    from benchmarks import gpu
+
+    return gpu
 
 
 @pytest.fixture(scope="module")

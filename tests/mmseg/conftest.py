@@ -26,7 +26,7 @@ def se_aspp_run(fixture_root, tmp_path_factory):
     from mmengine.runner import Runner
 
     import kim_plugins.mmseg  # noqa: F401  registrations, safe checkpoints
-    from kim_plugins.testing.tiny import tiny_config
+    from kim_plugins.dry_run.tiny import tiny_config
 
     work = tmp_path_factory.mktemp("se_aspp_run")
     cfg = tiny_config(SMOKE, os.path.join(fixture_root, "stare"), str(work), crop_size=(64, 64), max_iters=2,

@@ -22,7 +22,7 @@ import kim_plugins.mmseg  # noqa: F401
 from kim_plugins.layers.atrous import resolution_aware_rates
 from kim_plugins.mmseg.weights_only import TAG, from_weights_only, to_weights_only
 
-from tests.tools.test_erf_tools import _tool  # one loader of tools/*.py for the suite
+from tests.tools import run_tool
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MMSEG_TEST_TOOL = os.path.join(os.path.dirname(mmseg.__file__), ".mim", "tools", "test.py")
@@ -151,22 +151,22 @@ def test_old_style_checkpoint_needs_trust_in_every_tool_and_the_error_names_it(s
     for tool, args in (("erf", erf_args), ("atrous_rates", search_args), ("test", test_args),
                        ("benchmark", bench_args)):
         with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint"):
-            _tool(tool).main(args)
+            run_tool(tool, args)
     # with the flag each loads it
-    out = _tool("erf").main(erf_args + ["--trust-checkpoint"])
+    out = run_tool("erf", erf_args + ["--trust-checkpoint"])
     assert json.load(open(out["json"]))["weights"] == f"checkpoint {old_style_checkpoint}"
-    out = _tool("atrous_rates").main(search_args + ["--trust-checkpoint"])
+    out = run_tool("atrous_rates", search_args + ["--trust-checkpoint"])
     assert out["search"]["weights"] == f"checkpoint {old_style_checkpoint}"
 
 
 def test_erf_and_atrous_rates_tools_read_our_checkpoint_without_trust(se_aspp_run, tmp_path):
-    out = _tool("erf").main([se_aspp_run.config, "--checkpoint", se_aspp_run.checkpoint, "--num-images", "1",
-                             "--size", "64", "--out-dir", str(tmp_path / "erf")])
+    out = run_tool("erf", [se_aspp_run.config, "--checkpoint", se_aspp_run.checkpoint, "--num-images", "1",
+                           "--size", "64", "--out-dir", str(tmp_path / "erf")])
     nums = json.load(open(out["json"]))
     assert nums["weights"] == f"checkpoint {se_aspp_run.checkpoint}" and nums["num_images"] == 1
-    out = _tool("atrous_rates").main([se_aspp_run.config, "--search", "--checkpoint", se_aspp_run.checkpoint,
-                                      "--r-max", "3", "3", "--grid", "1", "--num-images", "1",
-                                      "--out-dir", str(tmp_path / "search")])
+    out = run_tool("atrous_rates", [se_aspp_run.config, "--search", "--checkpoint", se_aspp_run.checkpoint,
+                                    "--r-max", "3", "3", "--grid", "1", "--num-images", "1",
+                                    "--out-dir", str(tmp_path / "search")])
     s = out["search"]
     assert s["weights"] == f"checkpoint {se_aspp_run.checkpoint}"
     assert s["rule_rates_full"] == list(resolution_aware_rates((64, 64), 8, num_rates=3))

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("mmseg.models", reason="mmseg is part of the project's environment (tools/setup.sh)")
 
 from kim_plugins.layers.dead_pixel import even_kernel_changes, even_kernel_convert  # noqa: E402
-from tests.tools import load_tool  # noqa: E402
+from tests.tools import run_tool  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
 
@@ -43,8 +43,8 @@ def test_mmseg_resnet_conversion_keeps_every_stage_output(cfg, strided):
 
 
 def test_dead_pixel_tool_on_an_mmseg_config(tmp_path):
-    out = load_tool("dead_pixel_test").main([SMOKE, "--size", "32", "--num-images", "2", "--init", "pad",
-                                             "--no-maxpool", "--out-dir", str(tmp_path)])
+    out = run_tool("dead_pixel_test", [SMOKE, "--size", "32", "--num-images", "2", "--init", "pad",
+                                       "--no-maxpool", "--out-dir", str(tmp_path)])
     nums = out["numbers"]
     assert nums["kind"] == "mmseg backbone" and list(nums["before"]) == ["out0", "out1", "out2", "out3"]
     for stage in nums["before"]:  # zero-padded kernels, max-pool kept: the same function, the same ERF

@@ -139,7 +139,7 @@ def test_non_finite_loss_hook_stops_and_reports(registry):
 
 
 def test_config_pair_trains_and_evaluates_on_the_nyu_fixture(fixture_root, tmp_path):
-    from kim_plugins.testing.tiny import run_tiny, tiny_config
+    from kim_plugins.dry_run.tiny import run_tiny, tiny_config
 
     cfg = tiny_config(os.path.join(CONFIGS, "vpdhead-nansafe_r50_4xb8-25k_nyu-480x480.py"),
                       os.path.join(fixture_root, "nyu"), str(tmp_path), crop_size=(32, 32), max_iters=1,

@@ -11,7 +11,7 @@ from kim_plugins.layers.atrous import resolution_aware_rates
 from kim_plugins.mmseg.ra_aspp_heads import (RAASPPHead, RADepthwiseSeparableASPPHead,
                                              ResolutionAwareDilationsMixin, resolve_auto_dilations,
                                              set_aspp_dilations)
-from kim_plugins.testing.tiny import run_tiny, tiny_config
+from kim_plugins.dry_run.tiny import run_tiny, tiny_config
 
 from mmengine.config import Config
 from mmengine.logging import MMLogger
@@ -197,7 +197,7 @@ def test_config_output_stride_equals_measured(path):
     given = cfg.model.decode_head.output_stride
     cfg.model.decode_head.output_stride = "infer"
     cfg.model.decode_head.crop_size = (64, 64)  # the stride does not depend on the crop
-    from kim_plugins.config_rewrite import sync_bn_to_bn
+    from kim_plugins.config.rewrite import sync_bn_to_bn
     sync_bn_to_bn(cfg.model)
     assert resolve_auto_dilations(cfg).model.decode_head.output_stride == given
 
@@ -231,7 +231,7 @@ def test_tiny_config_keeps_the_rates_of_the_documented_infer_snippet():
     cfg = _narrow(Config.fromfile(path))
     cfg.model.type = "RAEncoderDecoder"
     cfg.model.decode_head.update(dilations="auto", output_stride="infer", crop_size=None)
-    from kim_plugins.config_rewrite import sync_bn_to_bn
+    from kim_plugins.config.rewrite import sync_bn_to_bn
     sync_bn_to_bn(cfg.model)
     full = MODELS.build(cfg.model).decode_head.dilations
     assert full == resolution_aware_rates((512, 1024), 8) == (1, 10, 21, 31)

@@ -7,7 +7,7 @@ import torch
 
 import kim_plugins.mmseg  # noqa: F401  applies the scoped resume fix
 from kim_plugins.mmseg.resume import trusted_resume_paths
-from kim_plugins.testing.tiny import tiny_config
+from kim_plugins.dry_run.tiny import tiny_config
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smoke",
                      "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")

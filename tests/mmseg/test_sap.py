@@ -15,8 +15,8 @@ from mmseg.models.backbones import ResNet, ResNetV1d
 from mmseg.registry import MODELS
 
 from kim_plugins.mmseg.sap import ResNetV1dSAP, SAPEncoderDecoder, timm_resnet_to_mmseg
-from kim_plugins.config_rewrite import sync_bn_to_bn
-from kim_plugins.testing.tiny import run_tiny, tiny_config
+from kim_plugins.config.rewrite import sync_bn_to_bn
+from kim_plugins.dry_run.tiny import run_tiny, tiny_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 CFG = os.path.join(ROOT, "configs", "stochastic_pooling")
@@ -155,9 +155,7 @@ def test_converter_errors_and_cli(tmp_path):
         timm_resnet_to_mmseg(dict(sd, **{"head.weight": torch.zeros(1)}))
     with pytest.raises(ValueError, match="tiered deep stem"):
         timm_resnet_to_mmseg(timm.create_model("resnet14t").state_dict())
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert_timm_resnet
+    from kim_plugins.cli import convert_timm_resnet
 
     src, dst = tmp_path / "r18d.pth", tmp_path / "out" / "r18d-mmseg.pth"
     torch.save(sd, src)

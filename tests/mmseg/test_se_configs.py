@@ -16,7 +16,7 @@ from mmseg.registry import HOOKS  # noqa: E402
 import kim_plugins.mmseg  # noqa: E402,F401
 import kim_plugins.mmseg.se_hook as se_hook  # noqa: E402
 from kim_plugins.layers.scale_equalizer import ScaleEqualizer  # noqa: E402
-from kim_plugins.testing.tiny import tiny_config  # noqa: E402
+from kim_plugins.dry_run.tiny import tiny_config  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "scale_equalizer")
 SE_HEAD = {"pspnet": "SEPSPHead", "deeplabv3": "SEASPPHead", "deeplabv3plus": "SEDepthwiseSeparableASPPHead",

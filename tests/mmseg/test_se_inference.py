@@ -13,7 +13,7 @@ import kim_plugins.mmseg  # noqa: F401
 from kim_plugins.layers.scale_equalizer import BorderCorrectedConv2d, ScaleEqualizer, fold_scale_equalizers
 from kim_plugins.mmseg.se_inference import scale_equalizer_count
 
-from tests.tools.test_erf_tools import _tool  # one loader of tools/*.py for the suite
+from tests.tools import run_tool
 
 OPT_OUT = {"model.test_cfg.fold_scale_equalizers": False}
 
@@ -78,8 +78,8 @@ def test_fold_switch_must_be_a_bool(se_aspp_run):
 
 
 def test_benchmark_times_the_folded_model_beside_its_unfolded_copy(se_aspp_run):
-    rows = _tool("benchmark").main([se_aspp_run.config, "--checkpoint", se_aspp_run.checkpoint, "--shape", "64",
-                                    "--rounds", "3", "--warmup", "0", "--device", "cpu", "--flops"])
+    rows = run_tool("benchmark", [se_aspp_run.config, "--checkpoint", se_aspp_run.checkpoint, "--shape", "64",
+                                  "--rounds", "3", "--warmup", "0", "--device", "cpu", "--flops"])
     by_name = {r["name"]: r for r in rows}
     name = os.path.splitext(os.path.basename(se_aspp_run.config))[0]
     n = scale_equalizer_count(se_aspp_run.model)

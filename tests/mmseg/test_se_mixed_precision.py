@@ -113,7 +113,7 @@ def test_amp_optim_wrapper_trains_an_se_config_in_bfloat16(fixture_root, tmp_pat
     from mmengine.optim.optimizer import amp_optimizer_wrapper
     from mmengine.runner import Runner
 
-    from kim_plugins.testing.tiny import tiny_config
+    from kim_plugins.dry_run.tiny import tiny_config
 
     cfg_path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "scale_equalizer",
                             "convnext-tiny-timm_upernet-se_8xb2-amp-160k_ade20k-512x512.py")

@@ -17,7 +17,7 @@ from mmseg.utils import register_all_modules  # noqa: E402
 import kim_plugins.mmseg  # noqa: E402,F401
 from kim_plugins.layers.gaussian_attention_bias import GaussianAttentionBias, grid_distance_sq  # noqa: E402
 from kim_plugins.mmseg.swin_gab import GabWindowMSA, SwinTransformerGAB  # noqa: E402
-from kim_plugins.testing.tiny import run_tiny, tiny_config  # noqa: E402
+from kim_plugins.dry_run.tiny import run_tiny, tiny_config  # noqa: E402
 from tests.swin_reference import explicit_window_attention, state_with_gab_in_tables  # noqa: E402
 
 register_all_modules(init_default_scope=True)

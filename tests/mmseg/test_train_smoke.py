@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from kim_plugins.testing.tiny import run_tiny, tiny_config
+from kim_plugins.dry_run.tiny import run_tiny, tiny_config
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smoke",
                      "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")

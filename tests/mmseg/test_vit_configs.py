@@ -15,7 +15,7 @@ from mmseg.registry import MODELS  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
 
 import kim_plugins.mmseg  # noqa: E402,F401
-from kim_plugins.testing.tiny import run_tiny, tiny_config  # noqa: E402
+from kim_plugins.dry_run.tiny import run_tiny, tiny_config  # noqa: E402
 
 register_all_modules(init_default_scope=True)
 

@@ -1,17 +1,11 @@
-"""Shared helper: load a script of tools/ as a module."""
-import importlib.util
-import os
-
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
+"""Shared helper: run a tool of :mod:`kim_plugins.cli` on a command line and get what it computed."""
+import importlib
 
 
-def load_tool(name):
-    """``tools/<name>.py`` as a fresh module (its folder on sys.path, as when run as a script)."""
-    import sys
+def run_tool(name, argv):
+    """``kim_plugins.cli.<name>.run(parse_args(argv))``: what ``tools/<name>.py ARGV`` computes.
 
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(TOOLS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    The tools' ``main`` returns the exit code; ``run`` returns the rows, numbers and paths the tests check.
+    """
+    tool = importlib.import_module(f"kim_plugins.cli.{name}")
+    return tool.run(tool.parse_args(argv))

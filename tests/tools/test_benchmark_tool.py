@@ -1,8 +1,6 @@
 """tools/benchmark.py (speed with A/A control, FLOPs, parameters) and the SDPA FLOP handler."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -10,18 +8,13 @@ import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis import complexity_analysis as ca
 
+from kim_plugins.cli import benchmark as bench
+from kim_plugins.config.inspect import build_segmentor
 from kim_plugins.mmseg.complexity import SDPA_OP, sdpa_flop_jit
+from tests.tools import run_tool
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SMOKE = os.path.join(REPO, "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class _SDPA(torch.nn.Module):
@@ -80,10 +73,9 @@ def plugin_cfg(tmp_path_factory):
 
 
 def test_benchmark_compares_two_configs_with_aa_control_flops_and_params(plugin_cfg, tmp_path):
-    bench = load_tool("benchmark")
     out = str(tmp_path / "bench")
-    rows = bench.main([SMOKE, plugin_cfg, "--shape", "32", "48", "--batch-size", "2", "--rounds", "3",
-                       "--warmup", "1", "--flops", "--device", "cpu", "--out", out])
+    rows = run_tool("benchmark", [SMOKE, plugin_cfg, "--shape", "32", "48", "--batch-size", "2", "--rounds", "3",
+                                  "--warmup", "1", "--flops", "--device", "cpu", "--out", out])
     base, plugin = "fcn_r18-tiny-d8_1xb2-4i_stare-32x32", "fcn-sap_r18-tiny-d8_1xb2-4i_stare-32x32"
     assert [r["name"] for r in rows] == [base, base + " (A/A)", plugin]
     for r in rows:
@@ -91,7 +83,7 @@ def test_benchmark_compares_two_configs_with_aa_control_flops_and_params(plugin_
         assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"]
     assert rows[0]["ratio"] == 1.0
     # parameters and FLOPs are the built models' own
-    model = bench.build_model(bench.load_config(SMOKE, None), None, False, torch.device("cpu"))
+    model = build_segmentor(bench.load_config(SMOKE, None), None, torch.device("cpu"))
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("auxiliary_head."))
     assert rows[0]["params"] == n_params
     inputs = model.data_preprocessor(bench.random_batch((32, 48), 2), False)["inputs"]
@@ -104,15 +96,13 @@ def test_benchmark_compares_two_configs_with_aa_control_flops_and_params(plugin_
 
 
 def test_benchmark_on_test_dataloader_batches(fixture_root):
-    bench = load_tool("benchmark")
-    rows = bench.main([SMOKE, "--data", "--tiny", os.path.join(fixture_root, "stare"), "--rounds", "3",
-                       "--warmup", "0", "--device", "cpu"])
+    rows = run_tool("benchmark", [SMOKE, "--data", "--tiny", os.path.join(fixture_root, "stare"), "--rounds", "3",
+                                  "--warmup", "0", "--device", "cpu"])
     assert rows[0]["_meta"]["source"].startswith("test dataloader of fcn_r18-tiny-d8_1xb2-4i_stare-32x32 (2 batches")
     assert rows[0]["img_per_s"] > 0 and "flops" not in rows[0]
 
 
 def test_benchmark_argument_errors():
-    bench = load_tool("benchmark")
     with pytest.raises(SystemExit):
         bench.parse_args([SMOKE, SMOKE, "--checkpoint", "a.pth"])
     with pytest.raises(SystemExit):

@@ -1,15 +1,13 @@
 """tools/check_dataset.py: layout, pairing, counts and label values of a prepared dataset."""
-import importlib.util
 import os
 import shutil
-import sys
 
 import mmseg
 import numpy as np
 import pytest
 from PIL import Image
 
-from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
+from kim_plugins.dry_run.dataset_fixtures import make_dataset_fixture
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MMSEG_DATASETS = os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs", "_base_", "datasets")
@@ -18,17 +16,11 @@ CONFIGS = {"ade20k": "ade20k.py", "cityscapes": "cityscapes.py", "voc2012": "pas
            "stare": "stare.py", "chase_db1": "chase_db1.py", "hrf": "hrf.py", "isaid": "isaid.py"}
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("check_dataset")
+    from kim_plugins.cli import check_dataset
+
+    return check_dataset
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

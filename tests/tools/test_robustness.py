@@ -1,17 +1,13 @@
 """tools/robustness.py: end-to-end runs on tiny data (the contrast math is tested in tests/test_robustness.py)."""
 import gzip
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-_SPEC = importlib.util.spec_from_file_location(
-    "robustness", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "robustness.py"))
-robustness = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(robustness)
+from kim_plugins.cli import robustness
+from tests.tools import run_tool
 
 TINY = '{"img_size": 32, "depth": 1, "num_classes": 3}'
 
@@ -32,10 +28,10 @@ def test_fashion_mnist_brief_training_is_labelled(tmp_path):
     images, labels = robustness.load_fashion_mnist("test", str(data))
     assert images.shape == (6, 28, 28) and images.dtype == torch.uint8 and labels.shape == (6,)
     out = tmp_path / "out"
-    results = robustness.main(["--model", "vit_tiny_patch16_224", "vit_tiny_patch16_pln_224", "--model-kwargs", TINY,
-                               "--data", "fashion-mnist", "--fashion-mnist-dir", str(data), "--train-steps", "2",
-                               "--batch-size", "4", "--out-dir", str(out), "--no-progress",
-                               "--reduce", "0.4", "--enhance", "2"])
+    results = run_tool("robustness", [
+        "--model", "vit_tiny_patch16_224", "vit_tiny_patch16_pln_224", "--model-kwargs", TINY, "--data", "fashion-mnist",
+        "--fashion-mnist-dir", str(data), "--train-steps", "2", "--batch-size", "4", "--out-dir", str(out),
+        "--no-progress", "--reduce", "0.4", "--enhance", "2"])
     assert set(results) == {"vit_tiny_patch16_224", "vit_tiny_patch16_pln_224"}
     for acc in results.values():
         assert set(acc) == {1.0, 0.4, 2.0}
@@ -54,11 +50,12 @@ def test_imagefolder_untrained_is_labelled(tmp_path):
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
     out = tmp_path / "out"
-    results = robustness.main(["--model", "vit_small_patch16_gab_224", "--model-kwargs", TINY, "--data",
-                               str(tmp_path / "data"), "--workers", "0", "--out-dir", str(out), "--no-progress"])
+    results = run_tool("robustness", ["--model", "vit_small_patch16_gab_224", "--model-kwargs", TINY, "--data",
+                                      str(tmp_path / "data"), "--workers", "0", "--out-dir", str(out),
+                                      "--no-progress"])
     acc = results["vit_small_patch16_gab_224"]
     assert len(acc) == 11  # clean + 5 reductions + 5 enhancements
     assert "UNTRAINED (random init)" in (out / "robustness.md").read_text()
     with pytest.raises(SystemExit, match="--train-steps is a demo for --data fashion-mnist"):
-        robustness.main(["--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--train-steps", "1",
-                         "--out-dir", str(out)])
+        run_tool("robustness", ["--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"),
+                                "--train-steps", "1", "--out-dir", str(out)])

@@ -1,26 +1,19 @@
 """tools/train.py -> tools/test.py -> tools/summarize.py end to end on a dataset fixture."""
 import csv
-import importlib.util
 import json
 import os
 import pickle
 import statistics
-import sys
 
 import pytest
+
+from kim_plugins.cli import summarize, train
+from tests.tools import run_tool
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SMOKE = os.path.join(REPO, "configs", "smoke", "fcn_r18-tiny-d8_1xb2-4i_stare-32x32.py")
 BASE_NAME = "fcn_r18-tiny-d8_1xb2-4i_stare-32x32"
 PLUGIN_NAME = "fcn-sap_r18-tiny-d8_1xb2-4i_stare-32x32"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"kim_tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +24,13 @@ def runs(fixture_root, tmp_path_factory):
     # the plugin: SAP in the backbone's shortcut pooling (stochastic_pooling), otherwise the smoke config
     plugin_cfg.write_text(f"_base_ = [{SMOKE!r}]\nmodel = dict(backbone=dict(type='ResNetV1dSAP', "
                           "sap_keep_prob=0.5))\n")
-    train = load_tool("train")
     stare = os.path.join(fixture_root, "stare")
     work = {}
     for cfg, name in ((SMOKE, BASE_NAME), (str(plugin_cfg), PLUGIN_NAME)):
         for seed in (0, 1):
             wd = str(root / "work_dirs" / f"{name}_seed{seed}")
-            train.main([cfg, "--work-dir", wd, "--tiny", stare, "--tiny-iters", "1", "--tiny-crop", "32", "32",
-                        "--cfg-options", f"randomness.seed={seed}"])
+            run_tool("train", [cfg, "--work-dir", wd, "--tiny", stare, "--tiny-iters", "1", "--tiny-crop", "32", "32",
+                               "--cfg-options", f"randomness.seed={seed}"])
             work[name, seed] = wd
     return root, work
 
@@ -58,29 +50,26 @@ def test_test_tool_refuses_an_old_style_runner_checkpoint_without_trust_flag(run
     wd = work[BASE_NAME, 0]
     old_style = str(tmp_path / "iter_1_old_style.pth")  # as mmengine writes it without kim_plugins
     torch.save(from_weights_only(torch.load(os.path.join(wd, "iter_1.pth"), weights_only=True)), old_style)
-    test = load_tool("test")
     with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint"):
-        test.main([SMOKE, old_style, "--work-dir", str(tmp_path / "untrusted"),
-                   "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
+        run_tool("test", [SMOKE, old_style, "--work-dir", str(tmp_path / "untrusted"),
+                          "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
     # the checkpoint tools/train.py wrote needs no flag
-    metrics = test.main([SMOKE, os.path.join(wd, "iter_1.pth"), "--work-dir", str(tmp_path / "own"),
-                         "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
+    metrics = run_tool("test", [SMOKE, os.path.join(wd, "iter_1.pth"), "--work-dir", str(tmp_path / "own"),
+                                "--tiny", os.path.join(fixture_root, "stare"), "--tiny-crop", "32", "32"])
     assert set(metrics) >= {"aAcc", "mDice"}
 
 
 def test_train_test_summarize_table_from_real_outputs(runs, fixture_root, tmp_path):
     root, work = runs
     # tools/test.py on one checkpoint, written into the run's own work dir
-    test = load_tool("test")
     wd = work[PLUGIN_NAME, 1]
-    metrics = test.main([str(root / f"{PLUGIN_NAME}.py"), os.path.join(wd, "iter_1.pth"), "--work-dir", wd,
-                         "--trust-checkpoint", "--tiny", os.path.join(fixture_root, "stare"),
-                         "--tiny-crop", "32", "32"])
+    metrics = run_tool("test", [str(root / f"{PLUGIN_NAME}.py"), os.path.join(wd, "iter_1.pth"), "--work-dir", wd,
+                                "--trust-checkpoint", "--tiny", os.path.join(fixture_root, "stare"),
+                                "--tiny-crop", "32", "32"])
     assert set(metrics) >= {"aAcc", "mDice", "mAcc"}
 
-    summarize = load_tool("summarize")
     out = str(tmp_path / "summary")
-    rows = summarize.main([str(root / "work_dirs"), "--out", out, "--metrics", "mDice", "aAcc"])
+    rows = run_tool("summarize", [str(root / "work_dirs"), "--out", out, "--metrics", "mDice", "aAcc"])
 
     # expected rows: one pair (sap), two metrics, two seeds a side
     assert [(r.metric, r.method, r.baseline_config, r.plugin_config) for r in rows] == [
@@ -112,7 +101,6 @@ def test_train_test_summarize_table_from_real_outputs(runs, fixture_root, tmp_pa
 
 def test_summarize_reports_unpaired_and_missing_metric(runs, tmp_path):
     root, work = runs
-    summarize = load_tool("summarize")
     only_base = summarize.collect_runs([work[BASE_NAME, 0]])
     rows, unpaired = summarize.summarize(only_base)
     assert rows == [] and unpaired == [BASE_NAME]
@@ -122,7 +110,6 @@ def test_summarize_reports_unpaired_and_missing_metric(runs, tmp_path):
 
 def test_train_cli_flags_build_the_config_mmseg_would_run(fixture_root, tmp_path):
     """--tiny, then --cfg-options (user overrides win), --amp, --no-pretrained, --resume, default work_dir."""
-    train = load_tool("train")
     convnext = os.path.join(REPO, "configs", "scale_equalizer",
                             "convnext-tiny-timm_upernet_8xb2-amp-160k_ade20k-512x512.py")
     args = train.parse_args([convnext, "--no-pretrained", "--resume"])

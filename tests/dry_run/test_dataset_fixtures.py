@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from kim_plugins.testing.dataset_fixtures import FIXTURES, make_dataset_fixture
+from kim_plugins.dry_run.dataset_fixtures import FIXTURES, make_dataset_fixture
 
 import mmseg
 
@@ -24,7 +24,7 @@ def _build(loader_cfg, data_root, depth=False):
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
-    from kim_plugins.config_rewrite import walk_dicts
+    from kim_plugins.config.rewrite import walk_dicts
 
     init_default_scope("mmseg")
     ds_cfg = loader_cfg.dataset
@@ -96,7 +96,7 @@ def test_unknown_fixture_name_is_a_clear_error(tmp_path):
 def test_tiny_auto_writes_a_fashion_scenes_fixture_that_our_dataset_class_reads(tmp_path):
     """``--tiny auto`` on a config of kim_plugins' own FashionScenesDataset (the main job's data)."""
     import kim_plugins.mmseg  # noqa: F401  registers FashionScenesDataset
-    from kim_plugins.mmseg.cli import tiny_data_root
+    from kim_plugins.dry_run.tiny import tiny_data_root
     from kim_plugins.suite.seg import seg_runner_cfg
 
     cfg = seg_runner_cfg(dict(type="EncoderDecoder"), "data/fashion_scenes", 64, 64, str(tmp_path / "work"),

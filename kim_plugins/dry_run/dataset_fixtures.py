@@ -14,7 +14,7 @@ deterministic for a seed. Nothing here imports mmseg.
 
 Usage::
 
-    from kim_plugins.testing.dataset_fixtures import make_dataset_fixture
+    from kim_plugins.dry_run.dataset_fixtures import make_dataset_fixture
     root = make_dataset_fixture('ade20k', '/tmp/fixtures')  # -> '/tmp/fixtures/ade20k'
 
 or let the tools write the one a config needs: ``tools/train.py CONFIG --tiny auto``.
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["FixtureSpec", "FIXTURES", "make_dataset_fixture", "make_all_fixtures"]
+__all__ = ["FixtureSpec", "FIXTURES", "fixture_for_config", "make_dataset_fixture", "make_all_fixtures"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,29 @@ FIXTURES: Dict[str, FixtureSpec] = {
     "fashion_scenes": FixtureSpec("fashion_scenes", "FashionScenesDataset", "img_dir/{split}", "ann_dir/{split}",
                                   ".png", ".png", ("train", "val"), _range(11)),
 }
+
+
+def fixture_for_config(cfg: Any) -> str:
+    """The fixture in the layout of a config's training data (``train_dataloader.dataset``).
+
+    The dataset classes are read through ``RepeatDataset``/``ConcatDataset``
+    wrappers (:func:`kim_plugins.config.inspect.dataset_leaves`).
+
+    Raises:
+        ValueError: No training dataset, or its classes are not all one
+            fixture's (the message lists the classes that have one).
+    """
+    from kim_plugins.config.inspect import dataset_leaves
+
+    by_class = {s.mmseg_class: name for name, s in FIXTURES.items()}
+    loader = cfg.get("train_dataloader") if hasattr(cfg, "get") else None
+    if not loader or not loader.get("dataset"):
+        raise ValueError("the config has no train_dataloader.dataset to take a dataset fixture from")
+    types = sorted({str(leaf["type"]) for leaf in dataset_leaves(loader["dataset"])})
+    names = {by_class.get(t) for t in types}
+    if len(names) != 1 or None in names:
+        raise ValueError(f"no dataset fixture for {types}; fixtures exist for {sorted(by_class)}")
+    return names.pop()
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, channels: int, cell: int = 8) -> np.ndarray:

@@ -14,8 +14,8 @@ on a GPU the loop is launch-bound and the gain large (run with
 
 Usage::
 
-    python benchmarks/erf.py                    # writes benchmarks/results/erf.{md,json}
-    python benchmarks/erf.py --device cuda --rounds 20 --out benchmarks/results/erf_cuda
+    python benchmarks/erf_batched.py                    # writes benchmarks/results/erf.{md,json}
+    python benchmarks/erf_batched.py --device cuda --rounds 20 --out benchmarks/results/erf_cuda
 """
 from __future__ import annotations
 
@@ -23,18 +23,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 from typing import Any, Dict, List
 
 import torch
 
-try:
-    import kim_plugins  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kim_plugins.benchmarking import compare_timings, format_table  # noqa: E402
-from kim_plugins.layers.erf import erf_maps  # noqa: E402
+from kim_plugins.benchmarking import compare_timings
+from kim_plugins.layers.erf import erf_maps
+from kim_plugins.markdown import markdown_table
 
 # name, timm model, input size, images per ERF (the batch of the batched form), timed rounds
 CASES = [
@@ -79,7 +74,7 @@ def main() -> None:
         rows.extend(run_case(label, name, size, n, args.rounds or rounds, args.device, args.threads))
     cols = ["case", "model", "input", "images", "candidate", "median_ms", "ratio_vs_loop", "ratio_q1",
             "ratio_q3", "speedup"]
-    table = format_table(rows, cols)
+    table = markdown_table(rows, cols)
     env = dict(device=args.device, threads=args.threads, torch=torch.__version__, python=platform.python_version(),
                machine=platform.machine(), note="shared 2-core machine, other processes running" if
                args.device == "cpu" else "")

@@ -3,7 +3,7 @@
 Every config under ``configs/`` is written for its real dataset and GPUs
 (SyncBN, AMP, ImageNet-pretrained backbones, 512x1024 crops, 80k iterations).
 :func:`tiny_config` rewrites one so that it trains a couple of iterations and
-evaluates on CPU on a fixture from :mod:`kim_plugins.testing.dataset_fixtures`,
+evaluates on CPU on a fixture from :mod:`kim_plugins.dry_run.dataset_fixtures`,
 without changing the model's structure (same backbone, head, norms by type,
 losses, evaluator). It shrinks the data, not what the model derives from it:
 
@@ -38,9 +38,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config, ConfigDict
 
-from kim_plugins.config_rewrite import TIMM_BACKBONES, offline_weights, sync_bn_to_bn, walk_dicts
+from kim_plugins.config.inspect import crop_size as config_crop_size
+from kim_plugins.config.rewrite import TIMM_BACKBONES, offline_weights, sync_bn_to_bn, walk_dicts
 
-__all__ = ["tiny_config", "run_tiny"]
+__all__ = ["tiny_config", "tiny_data_root", "run_tiny"]
 
 _RESIZE_TYPES = {"RandomResize", "Resize", "RandomChoiceResize"}
 
@@ -129,7 +130,7 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
             and not backbone.get("dynamic_img_size"):
         backbone["img_size"] = crop  # fixed-size timm ViTs (relpos) must match the tiny crop
     pre = model.get("data_preprocessor")
-    _pin_auto_dilation_crops(model, pre.get("size") if isinstance(pre, dict) else None)
+    _pin_auto_dilation_crops(model, config_crop_size(cfg))
     if isinstance(pre, dict) and pre.get("size") is not None:
         pre["size"] = crop
     if cfg.get("data_preprocessor") is not None and cfg.data_preprocessor.get("size") is not None:
@@ -184,6 +185,36 @@ def tiny_config(cfg: Union[str, Config], data_root: str, work_dir: str, *,
     cfg.resume = False
     cfg.launcher = "none"
     return cfg
+
+
+def tiny_data_root(cfg: Config, spec: str) -> str:
+    """The data root of ``--tiny SPEC``: a folder, or ``auto`` for a fixture written in the config's layout.
+
+    ``auto`` writes the dataset fixture of the train dataloader's dataset class
+    (:func:`kim_plugins.dry_run.dataset_fixtures.fixture_for_config`) under
+    ``WORK_DIR/tiny_data/rank<RANK>/`` — one copy per process, identical
+    (seeded), so parallel launches never read a half-written file.
+
+    Raises:
+        ValueError: ``auto`` for a config whose dataset class has no fixture.
+        FileNotFoundError: ``SPEC`` is neither ``auto`` nor an existing folder.
+    """
+    import os
+    import os.path as osp
+
+    from kim_plugins.dry_run.dataset_fixtures import fixture_for_config, make_dataset_fixture
+
+    if spec != "auto":
+        if not osp.isdir(spec):
+            raise FileNotFoundError(f"--tiny {spec!r}: not a folder; give a small dataset in the config's layout "
+                                    f"or 'auto' to write one")
+        return spec
+    try:
+        name = fixture_for_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"--tiny auto: {err}. Pass --tiny DATA_ROOT instead") from None
+    root = osp.join(cfg.work_dir, "tiny_data", f"rank{os.environ.get('RANK', '0')}")
+    return make_dataset_fixture(name, root)
 
 
 def run_tiny(cfg: Config, test: bool = False) -> Dict[str, float]:

@@ -1,0 +1,1 @@
+"""Benchmark scripts, each run as ``python benchmarks/NAME.py``; a package so that the tests import them."""

@@ -1,1 +1,0 @@
-"""Test helpers that users can also call: dataset fixtures and tiny config overrides."""
