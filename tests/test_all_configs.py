@@ -26,6 +26,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from kim_plugins.config.inspect import dataset_leaves
 from kim_plugins.config_names import find_baseline, parse_config_name
 from kim_plugins.dry_run.dataset_fixtures import FIXTURES
 from kim_plugins.dry_run.tiny import tiny_config
@@ -38,14 +39,6 @@ FIXTURE_OF_CLASS = {spec.mmseg_class: name for name, spec in FIXTURES.items()}
 
 def _rel(path):
     return os.path.relpath(path, os.path.join(REPO, "configs"))
-
-
-def _leaf_types(ds_cfg):
-    if "datasets" in ds_cfg:
-        return [t for d in ds_cfg["datasets"] for t in _leaf_types(d)]
-    if "dataset" in ds_cfg:
-        return _leaf_types(ds_cfg["dataset"])
-    return [ds_cfg["type"]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,7 +103,7 @@ def test_config_builds_model_and_datasets(path, fixture_root, tmp_path):
     import kim_plugins.mmseg  # noqa: F401
 
     cfg = Config.fromfile(path)
-    types = set(_leaf_types(cfg.train_dataloader.dataset))
+    types = {leaf["type"] for leaf in dataset_leaves(cfg.train_dataloader.dataset)}
     assert len(types) == 1, f"{_rel(path)} mixes dataset classes {types}"
     (ds_type,) = types
     assert ds_type in FIXTURE_OF_CLASS, f"{_rel(path)}: no fixture for dataset class {ds_type}"
