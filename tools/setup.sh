@@ -110,10 +110,14 @@ fi
 CURRENT_STEP="kim_plugins (editable)"
 step "$CURRENT_STEP"
 # Checked from / so that the source tree on sys.path cannot pass for an installation.
-if [ "$(cd / && "$VENV/bin/python" -c 'import kim_plugins, os; print(os.path.dirname(os.path.dirname(kim_plugins.__file__)))' 2>/dev/null)" = "$ROOT" ]; then
+# setup.py's hash is kept in the venv, so a changed setup.py (new console scripts) reinstalls.
+SETUP_HASH="$(sha256sum "$ROOT/setup.py" | cut -d' ' -f1)"
+if [ "$(cd / && "$VENV/bin/python" -c 'import kim_plugins, os; print(os.path.dirname(os.path.dirname(kim_plugins.__file__)))' 2>/dev/null)" = "$ROOT" ] \
+   && [ "$(cat "$VENV/.kim_plugins_setup_py.sha256" 2>/dev/null)" = "$SETUP_HASH" ]; then
   echo "[setup] already installed from $ROOT"
 else
   PIP install -q --no-deps --no-build-isolation -e "$ROOT"
+  echo "$SETUP_HASH" > "$VENV/.kim_plugins_setup_py.sha256"
 fi
 
 CURRENT_STEP="Fashion-MNIST (Debian package dataset-fashion-mnist, optional)"
