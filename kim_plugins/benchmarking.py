@@ -25,15 +25,12 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from .markdown import markdown_table
-
 __all__ = [
     "TimingResult",
     "compare_timings",
     "pinned_threads",
     "saved_activation_bytes",
     "peak_cuda_memory",
-    "format_table",
 ]
 
 AA_CONTROL_SUFFIX = " (A/A)"
@@ -190,9 +187,3 @@ def peak_cuda_memory(fn: Callable[[], Any], device: torch.device) -> int:
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - start)
 
-
-def format_table(rows: List[Mapping[str, Any]], columns: Optional[List[str]] = None,
-                 floatfmt: str = "{:.3f}") -> str:
-    """Render dict rows as a Markdown table (:func:`kim_plugins.markdown.markdown_table`)."""
-    return markdown_table(rows, columns if columns is not None else (list(rows[0]) if rows else None),
-                          floatfmt=floatfmt)
