@@ -25,6 +25,11 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from kim_plugins.markdown import markdown_table
+
+_COLUMNS = ["case", "mode", "img", "dtype", "batch", "time", "throughput", "aa", "goal", "met", "mem"]
+_HEADERS = ["case", "mode", "img", "dtype", "batch", "time ratio", "throughput", "A/A", "goal", "met", "mem ratio"]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 LOG = os.path.join(RESULTS_DIR, "gpu_run1_log.txt")
@@ -141,18 +146,19 @@ def render_md(report: Dict[str, Any]) -> str:
         lines += [f"## {name}: {sec['status']}", ""]
         if not sec["rows"]:
             continue
-        lines += ["| case | mode | img | dtype | batch | time ratio | throughput | A/A | goal | met | mem ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        table = []
         for r in sec["rows"]:
             if "skipped" in r:
-                lines.append(f"| {r['case']} | skipped: {r['skipped']} | | | | | | | | | |")
+                table.append(dict(case=r["case"], mode=f"skipped: {r['skipped']}"))
                 continue
             mem = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else ""
             if "mem_meets_goal" in r:
                 mem += f" ({r['mem_goal']}: {'yes' if r['mem_meets_goal'] else 'NO'})"
-            lines.append(f"| {r['case']} | {r['mode']} | {r.get('img', '')} | {r.get('dtype', '')} | "
-                         f"{r.get('batch', '')} | {r['time_ratio']:.3f} | {r['throughput_ratio']:.3f} | "
-                         f"{r['aa_ratio']:.3f} | {r['goal']} | {'yes' if r['meets_goal'] else 'NO'} | {mem} |")
+            table.append(dict(case=r["case"], mode=r["mode"], img=r.get("img", ""), dtype=r.get("dtype", ""),
+                              batch=r.get("batch", ""), time=f"{r['time_ratio']:.3f}",
+                              throughput=f"{r['throughput_ratio']:.3f}", aa=f"{r['aa_ratio']:.3f}",
+                              goal=r["goal"], met="yes" if r["meets_goal"] else "NO", mem=mem))
+        lines.append(markdown_table(table, _COLUMNS, _HEADERS))
         lines.append("")
     met = [r for s in report["sections"].values() for r in s["rows"] if "meets_goal" in r]
     missed = [f"{r['section']} {r['case']} {r['mode']} {r.get('img', '')} {r.get('dtype', '')}" for r in met

@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .markdown import markdown_table
+
 __all__ = ["REDUCE_DEFAULT", "ENHANCE_DEFAULT", "contrast_change", "severity_table", "fashion_mnist_batches",
            "imagefolder_batches", "model_input_size", "normalizer", "evaluate", "brief_train", "format_markdown",
            "plot_title", "plot"]
@@ -183,11 +185,9 @@ def format_markdown(results: Dict[str, Dict[float, float]], rows: Sequence[Tuple
                     provenance: Dict[str, str]) -> str:
     """Table of accuracy per contrast level (rows) and model (columns), then one provenance line per model."""
     names = list(results)
-    lines = ["| contrast | severity | factor | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for kind, sev, c in rows:
-        lines.append(f"| {kind} | {sev} | {c:g} | " + " | ".join(f"{results[n][c]:.2f}" for n in names) + " |")
-    lines.append("")
+    table = [dict(contrast=kind, severity=sev, factor=f"{c:g}", **{n: f"{results[n][c]:.2f}" for n in names})
+             for kind, sev, c in rows]
+    lines = [markdown_table(table, ["contrast", "severity", "factor"] + names), ""]
     lines += [f"- `{n}`: {provenance[n]}" for n in names]
     return "\n".join(lines) + "\n"
 
