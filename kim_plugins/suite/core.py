@@ -129,6 +129,8 @@ class Replan:
                  f"{self.left_s / 60:.1f} min left")
         if self.shrunk:
             return f"behind: {state}: iterations of what is left x{self.given_iters / self.planned_iters:.2f}"
+        if self.needed_s > self.left_s:
+            return f"behind: {state}, but its iterations are at the floor already"
         return f"within the budget: {state}"
 
 

@@ -370,7 +370,8 @@ class InfoNCEPair(StabilityPair):
                 "claim is that no tau has to be tuned.")
 
     def section_lines(self, result):
-        return report_lines(result) + ["", markdown_table(
+        lines = report_lines(result)
+        return lines + ([""] if lines[-1] else []) + [markdown_table(
             [dict(v=r.variant, s=r.seed, a=r.extra.get("loss_first"), b=r.extra.get("loss_last")) for r in result.runs],
             ["v", "s", "a", "b"], ["variant", "seed", "loss first", "loss last"], floatfmt=str)]
 

@@ -56,6 +56,8 @@ def test_hopeless_overrun_floors_at_min_iters():
     rp, given, _ = _run(costs, [200, 200], [3.0, 3.0], deadline=210, min_iters=2)
     assert given == [200, 2]  # after p0 (300 s) nothing is left: the floor, never a model/batch/seed change
     assert rp.decisions[1].left_s < 0
+    rp, given, _ = _run(costs, [2, 2], [3.0, 3.0], deadline=1, min_iters=2)
+    assert given == [2, 2] and all(d.reason.endswith("at the floor already") for d in rp.decisions)
 
 
 def test_no_budget_never_shrinks():
