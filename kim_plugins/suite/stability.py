@@ -293,7 +293,7 @@ class DropoutPair(_SupervisedPair):
     """Dropout placement: the logit variance over dropout masks of each trained model."""
 
     def make_model(self, spec, settings, seed):
-        extra = {k: v for k, v in spec.items() if k != "timm"}
+        extra = {k: v for k, v in spec.items() if k not in ("timm", "head_closed_form_p")}
         return make_classifier(spec["timm"], dict(_preact_overrides(settings), **extra), seed)
 
     def probe_cost(self, settings, cost):
@@ -301,11 +301,11 @@ class DropoutPair(_SupervisedPair):
 
     def mechanism_row(self, net, variant, probe, device):
         row = dict(variant=variant.name, logit_var_over_masks=logit_variance_over_masks(net, probe.to(device)))
-        if variant.spec["timm"] == "resnetv2_50_dropout":
-            row["head_only_closed_form_before_pool"] = head_variance_closed_form(net, probe.to(device), 0.2,
-                                                                                 "before_pool")
-            row["head_only_closed_form_after_pool"] = head_variance_closed_form(net, probe.to(device), 0.2,
-                                                                                "after_pool")
+        p = variant.spec.get("head_closed_form_p")  # the guideline model: its head dropout in closed form
+        if p is not None:
+            for placement in ("before_pool", "after_pool"):
+                row[f"head_only_closed_form_{placement}"] = head_variance_closed_form(net, probe.to(device), p,
+                                                                                      placement)
         return row
 
     def description(self, settings, n_test):
@@ -390,7 +390,8 @@ DROPOUT = register(DropoutPair(
     title="Pre-activation ResNet: no dropout vs timm drop_rate (after pooling) vs the guideline placement",
     variants=(Variant("no dropout", True, dict(timm="resnetv2_50")),
               Variant("timm drop_rate 0.2 (after pooling)", False, dict(timm="resnetv2_50", drop_rate=0.2)),
-              Variant("guideline: branch 0.1 + head 0.2 before pooling", False, dict(timm="resnetv2_50_dropout")))))
+              Variant("guideline: branch 0.1 + head 0.2 before pooling", False,
+                      dict(timm="resnetv2_50_dropout", head_closed_form_p=0.2)))))
 GAMMA = register(GammaPair(
     name="gamma", group="gamma",
     title="ResNet-18-D, SGD: weight decay on no BN gamma / every gamma / the guideline's categories",
