@@ -40,22 +40,20 @@ upsampling feeds a fusion (e.g. ``SEFCNHead`` with the default
 ``input_transform=None``) has no equalizer, computes exactly its parent, and
 says so once in the log.
 
-One mechanism serves all five heads: the mixin wraps the parent's ``forward``
-in a thread-local ``TorchFunctionMode``
-(:class:`~kim_plugins.layers.fusion_trace.FusionTracingMode`, shared with the
-benchmark suite's variance probe) that applies the k-th equalizer to the
-output of the k-th bilinear ``F.interpolate`` call of the parent's own code
-(mmseg's ``resize``), so the parent's forward runs unchanged; each head only
-declares its call sites (``_se_resize_sites``), its fusion sites
-(``_se_fusion_sites``) and the convolutions that consume them
+One mechanism serves all five heads: the mixin wraps the parent's
+``forward`` in a thread-local ``TorchFunctionMode`` that applies the k-th
+equalizer to the output of the k-th bilinear ``F.interpolate`` call of the
+parent's own code (mmseg's ``resize``), so the parent's forward runs unchanged;
+each head only declares its call sites (``_se_resize_sites``), its fusion
+sites (``_se_fusion_sites``) and the convolutions that consume them
 (``_se_fold_plan``). A head checks after every forward that the parent made
-exactly the calls it declared. With ``se_mode=None`` (or once every equalizer
-is folded) the head *is* its parent's forward. A calibrated ``'dataset'``
-equalizer is a constant affine map, which commutes with the resize (its
-weights sum to 1), so in training it is applied to the resize's small input
-rather than to its upsampled output: the same values and gradients at a
-fraction of the cost (``se_apply_before_resize``). Calibration and ``'batch'``
-mode always see the upsampled tensor.
+exactly the calls it declared. With ``se_mode=None`` (or once every
+equalizer is folded) the head *is* its parent's forward. A calibrated
+``'dataset'`` equalizer is a constant affine map, which commutes with the
+resize (its weights sum to 1), so in training it is applied to the resize's
+small input rather than to its upsampled output: the same values and
+gradients at a fraction of the cost (``se_apply_before_resize``). Calibration
+and ``'batch'`` mode always see the upsampled tensor.
 
 Config example (``custom_imports=dict(imports=['kim_plugins.mmseg'])``)::
 
@@ -94,7 +92,11 @@ FoldPlan = List[Tuple[nn.Module, str, List[Tuple[str, int, int]]]]
 
 
 class _FusionSiteMode(FusionTracingMode):
-    """Applies a head's equalizers at its declared ``F.interpolate`` calls and fusion operands."""
+    """Applies a head's equalizers at its declared ``F.interpolate`` calls and fusion operands.
+
+    The interception is :class:`~kim_plugins.layers.fusion_trace.FusionTracingMode`, shared with the
+    benchmark suite's variance probe.
+    """
 
     def __init__(self, head: "ScaleEqualizedHeadMixin") -> None:
         super().__init__()
