@@ -69,7 +69,8 @@ def trained(args: argparse.Namespace) -> None:
 
     from kim_plugins.layers.atrous import resolution_aware_rates
     from kim_plugins.suite.data import default_data_root, prepare_data
-    from kim_plugins.suite.seg import SEG_PAIRS, _train_variant, pair_size
+    from kim_plugins.suite.pairs import get_pair
+    from kim_plugins.suite.seg import _train_variant
     from kim_plugins.suite.settings import preset
 
     if args.threads:
@@ -84,10 +85,12 @@ def trained(args: argparse.Namespace) -> None:
     also = (0.05, 0.1)
     with tempfile.TemporaryDirectory() as work:
         for pair in ("rates-small", "rates-large"):
-            size = pair_size(pair, settings)
+            spec = get_pair(pair)
+            size = spec.input_size(settings)
             rule = resolution_aware_rates(size, 8)
-            for name, head, head_kw, _ in SEG_PAIRS[pair]["variants"]:
-                run = _train_variant(pair, name, head, head_kw, 0, size, settings, data, work, "cpu", cache)
+            for variant in spec.variants:
+                name = variant.name
+                run = _train_variant(spec, variant, 0, size, settings, data, work, "cpu", cache)
                 model, images = run["model"], run["images"][:args.num_images]
                 weights = (f"{pair} '{name}' {tuple(run['dilations'])}, trained {settings.seg_iters} it, "
                            f"mIoU {run['metrics'].get('mIoU', float('nan')):.2f}")

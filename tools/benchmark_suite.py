@@ -39,18 +39,20 @@ except ImportError:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from kim_plugins.suite.settings import PAIR_GROUPS
+    from kim_plugins.suite.pairs import pair_groups
 
+    groups = pair_groups()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: 2 CPU cores, <= 15 min (default); full: sized for one GPU")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: quick 2, full 3)")
-    p.add_argument("--only", default=",".join(PAIR_GROUPS),
-                   help=f"comma-separated pair groups to run: {', '.join(PAIR_GROUPS)} (default: all)")
+    p.add_argument("--only", default=",".join(groups),
+                   help=f"comma-separated pair groups to run: {', '.join(groups)} (default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-time budget: iterations and evaluation sizes shrink to fit it after measuring this "
-                        "machine's speed (default: 15 for quick, none for full)")
+                        "machine's speed, and the iterations of what is left shrink again before each pair when the "
+                        "machine runs behind the plan (default: 15 for quick, none for full)")
     p.add_argument("--fashion-mnist", default=None, metavar="DIR",
                    help="folder with the four Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist "
                         "or $FASHION_MNIST_DIR)")

@@ -64,19 +64,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmengine.logging import print_log
 from mmseg.models.decode_heads import (ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead,
                                        UPerHead)
 from mmseg.registry import MODELS
-from torch.overrides import TorchFunctionMode
 
+from kim_plugins.layers.fusion_trace import FusionTracingMode
 from kim_plugins.layers.scale_equalizer import SE_MODES, ScaleEqualizer, fold_input_affine
 from kim_plugins.mmseg.ra_aspp_heads import ResolutionAwareDilationsMixin
 
@@ -89,15 +87,16 @@ __all__ = [
     "SEFCNHead",
 ]
 
-_ADDS = (torch.Tensor.add, torch.Tensor.__add__, torch.add)
-_CATS = (torch.cat, torch.concat, torch.concatenate)
-
 # (owner module, attribute holding the consumer nn.Conv2d, [(site, first channel, end channel)])
 FoldPlan = List[Tuple[nn.Module, str, List[Tuple[str, int, int]]]]
 
 
-class _FusionSiteMode(TorchFunctionMode):
-    """Applies a head's equalizers at its declared ``F.interpolate`` calls and fusion operands."""
+class _FusionSiteMode(FusionTracingMode):
+    """Applies a head's equalizers at its declared ``F.interpolate`` calls and fusion operands.
+
+    The interception is :class:`~kim_plugins.layers.fusion_trace.FusionTracingMode`, shared with the
+    benchmark suite's variance probe.
+    """
 
     def __init__(self, head: "ScaleEqualizedHeadMixin") -> None:
         super().__init__()
@@ -106,11 +105,9 @@ class _FusionSiteMode(TorchFunctionMode):
         self.fusion_sites = head._se_fusion_plan
         self.n_resize = 0
         self.n_fusion = 0
-        self.upsampled: Dict[int, Any] = {}  # id -> weakref of equalized resize outputs
 
-    def _is_upsampled(self, t: Any) -> bool:
-        ref = self.upsampled.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return ref is not None and ref() is t
+    def _is_upsampled(self, t: Any) -> bool:  # an equalized resize output
+        return self.marked(t) is not None
 
     def _equalize_fusion_operand(self, t: torch.Tensor) -> torch.Tensor:
         k = self.n_fusion
@@ -119,43 +116,39 @@ class _FusionSiteMode(TorchFunctionMode):
             return t  # reported by check()
         return self.head.scale_equalizers[self.fusion_sites[k]](t)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.interpolate:
-            k = self.n_resize
-            self.n_resize += 1
-            site = self.resize_sites[k] if k < len(self.resize_sites) else None
-            se = self.head.scale_equalizers[site] if site is not None else None
-            if isinstance(se, ScaleEqualizer) and self.head.se_apply_before_resize and se.commutes_with_resize:
-                # a constant affine map commutes with the resize: apply it to the smaller input
-                if args:
-                    args = (se(args[0]),) + tuple(args[1:])
-                else:
-                    kwargs = dict(kwargs, input=se(kwargs["input"]))
-                out = func(*args, **kwargs)
+    def on_interpolate(self, func, args, kwargs):
+        k = self.n_resize
+        self.n_resize += 1
+        site = self.resize_sites[k] if k < len(self.resize_sites) else None
+        se = self.head.scale_equalizers[site] if site is not None else None
+        if isinstance(se, ScaleEqualizer) and self.head.se_apply_before_resize and se.commutes_with_resize:
+            # a constant affine map commutes with the resize: apply it to the smaller input
+            if args:
+                args = (se(args[0]),) + tuple(args[1:])
             else:
-                out = func(*args, **kwargs)
-                if se is not None:
-                    out = se(out)
-            if se is not None and self.fusion_sites:
-                self.upsampled[id(out)] = weakref.ref(out)
-            return out
-        if self.fusion_sites:
-            if func in _CATS:
-                tensors = list(args[0] if args else kwargs["tensors"])
-                if any(self._is_upsampled(t) for t in tensors):
-                    tensors = [t if self._is_upsampled(t) else self._equalize_fusion_operand(t) for t in tensors]
-                    if args:
-                        args = (tensors,) + tuple(args[1:])
-                    else:
-                        kwargs = dict(kwargs, tensors=tensors)
-            elif func in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
-                a, b = args[:2]
-                if self._is_upsampled(b) and not self._is_upsampled(a):
-                    args = (self._equalize_fusion_operand(a), b) + tuple(args[2:])
-                elif self._is_upsampled(a) and not self._is_upsampled(b):
-                    args = (a, self._equalize_fusion_operand(b)) + tuple(args[2:])
-        return func(*args, **kwargs)
+                kwargs = dict(kwargs, input=se(kwargs["input"]))
+            out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+            if se is not None:
+                out = se(out)
+        if se is not None and self.fusion_sites:
+            self.mark(out)
+        return out
+
+    def on_concat(self, tensors):
+        if self.fusion_sites and any(self._is_upsampled(t) for t in tensors):
+            return [t if self._is_upsampled(t) else self._equalize_fusion_operand(t) for t in tensors]
+        return None
+
+    def on_add(self, a, b):
+        if not self.fusion_sites:
+            return None
+        if self._is_upsampled(b) and not self._is_upsampled(a):
+            return self._equalize_fusion_operand(a), b
+        if self._is_upsampled(a) and not self._is_upsampled(b):
+            return a, self._equalize_fusion_operand(b)
+        return None
 
     def check(self) -> None:
         head = type(self.head).__name__

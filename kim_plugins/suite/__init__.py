@@ -16,15 +16,20 @@ measures the mechanism each plugin claims and writes
   σ and a of every block;
 - ``sap``: ResNet-18-D vs its SAP version, with SAP's train/eval consistency.
 
-Sizes: :mod:`kim_plugins.suite.settings`; report: :mod:`kim_plugins.suite.report`.
+Each pair is one :class:`~kim_plugins.suite.pairs.Pair` object in one registry
+(:func:`~kim_plugins.suite.pairs.all_pairs`). Sizes:
+:mod:`kim_plugins.suite.settings`; report: :mod:`kim_plugins.suite.report`.
 Nothing heavy is imported here.
 """
-from kim_plugins.suite.settings import PAIR_GROUPS, SuiteSettings, preset
+from kim_plugins.suite.settings import SuiteSettings, preset
 
 __all__ = ["PAIR_GROUPS", "SuiteSettings", "preset", "SuiteOptions", "run_suite"]
 
 
-def __getattr__(name):  # lazy: the orchestration imports torch, mmseg and timm
+def __getattr__(name):  # lazy: the pairs and the orchestration import torch, mmseg and timm
+    if name == "PAIR_GROUPS":
+        from kim_plugins.suite.pairs import pair_groups
+        return pair_groups()
     if name in ("SuiteOptions", "run_suite"):
         from kim_plugins.suite import core
         return getattr(core, name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,28 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kim_plugins import robustness
+from kim_plugins.markdown import markdown_table
+from kim_plugins.suite.pairs import Cost, Pair, Variant, register
+from kim_plugins.suite.records import PairResult
+from kim_plugins.suite.report import pyplot
 
-__all__ = ["CLS_PAIRS", "make_classifier", "train_classifier", "evaluate_top1", "run_cls_pair"]
-
-#: pair id -> title, variants [(display name, timm name, is baseline)], metric name
-CLS_PAIRS: Dict[str, Dict[str, Any]] = {
-    "vit": dict(title="ViT patch 4 on 32x32: Gaussian attention bias and PreLayerNorm",
-                variants=[("ViT", "vit_tiny_patch16_224", True),
-                          ("ViT + GAB", "vit_tiny_patch16_gab_224", False),
-                          ("ViT + PLN", "vit_tiny_patch16_pln_224", False),
-                          ("ViT + GAB + PLN", "vit_small_patch16_gab_pln_224", False)]),
-    "swin": dict(title="Swin (patch 2, window 4) on 32x32: Gaussian attention bias on the paper's segmentation host",
-                 variants=[("Swin", "swin_tiny_patch4_window7_224", True),
-                           ("Swin + GAB", "swin_tiny_patch4_window7_gab_224", False)]),
-    "sap": dict(title="ResNet-18-D vs its stochastic-average-pooling version",
-                variants=[("ResNet-18-D", "resnet18d", True), ("ResNet-18-D + SAP", "resnet18d_sap", False)]),
-}
-
-
-def model_overrides(pair: str, settings) -> Dict[str, Any]:
-    """The ``timm.create_model`` overrides of a classification pair's models."""
-    return {"vit": settings.vit, "swin": settings.swin}.get(pair, settings.resnet)
-
+__all__ = ["ClassifierPair", "ViTPair", "SwinPair", "SAPPair", "make_classifier", "train_classifier", "evaluate_top1"]
 
 def make_classifier(timm_name: str, overrides: Dict[str, Any], seed: int) -> nn.Module:
     """``timm.create_model(timm_name, num_classes=10, **overrides)`` after ``torch.manual_seed(seed)``."""
@@ -141,43 +126,6 @@ def evaluate_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, devi
     return 100.0 * correct / len(images)
 
 
-def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
-    """A training step and an eval forward of one batch of the pair's baseline on random data.
-
-    For the budget estimate. Returns ``(step, forward, batch size)``.
-    """
-    _, name, _ = CLS_PAIRS[pair]["variants"][0]
-    return synthetic_classifier_step(name, model_overrides(pair, settings), settings.cls_batch)
-
-
-def synthetic_classifier_step(timm_name: str, overrides: Dict[str, Any], batch: int) -> Tuple[Callable, Callable, int]:
-    """``(step, forward, batch)`` of a 32x32 classifier on random data (one AdamW step; one eval forward)."""
-    model = make_classifier(timm_name, overrides, 0)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
-    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x)), len(x))
-
-
-def timing_closures(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
-                    forward_fn: Callable[[nn.Module], Any]) -> Tuple[Callable[[], None], Callable[[], None]]:
-    """``(step, forward)``: one AdamW training step on ``loss_fn(model)``, one eval ``forward_fn(model)``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        model.train()
-        loss = loss_fn(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def forward() -> None:
-        model.eval()
-        forward_fn(model)
-
-    return step, forward
-
-
 # ---------------------------------------------------------------------------------------------------------
 # mechanisms
 # ---------------------------------------------------------------------------------------------------------
@@ -209,14 +157,14 @@ def gab_parameters(model: nn.Module) -> List[Dict[str, float]]:
     return out
 
 
-def _set_sap_train(model: nn.Module, mode: bool, only_global: bool = False) -> List[str]:
+def _set_sap_train(model: nn.Module, mode: bool) -> List[str]:
     """Eval everywhere except the stochastic pools (train mode ``mode``); returns their names."""
     from kim_plugins.layers.stochastic_pool import STOCHASTIC_POOL_TYPES
 
     model.eval()
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, STOCHASTIC_POOL_TYPES) and (not only_global or name.startswith("global_pool")):
+        if isinstance(m, STOCHASTIC_POOL_TYPES):
             m.train(mode)
             names.append(name)
     return names
@@ -283,82 +231,315 @@ def sap_consistency(sap_model: nn.Module, plain_name: str, overrides: Dict[str, 
 # the pairs
 # ---------------------------------------------------------------------------------------------------------
 
-def run_cls_pair(pair: str, settings, data, out_dir: str, device: str):
-    """Train every variant of a classification pair for every seed; measure its mechanism."""
-    from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
+_CLS_OVERHEAD_S = 0.5
 
-    spec = CLS_PAIRS[pair]
-    overrides = model_overrides(pair, settings)
-    test_x = data.test_images[:settings.cls_test_images]
-    test_y = data.test_labels[:settings.cls_test_images]
-    result = PairResult(pair=pair, title=spec["title"], description="", metric="top-1")
-    robust: Dict[str, Dict[float, float]] = {}
-    rows = None
-    if pair == "vit":
-        rows = robustness.severity_table(robustness.REDUCE_DEFAULT, robustness.ENHANCE_DEFAULT)
-    probe_images = to_input(data.test_images[:256])
-    for seed in range(settings.seeds):
-        for name, timm_name, baseline in spec["variants"]:
-            model = make_classifier(timm_name, overrides, seed)
-            init = param_fingerprint(model)
-            train_time, order = train_classifier(model, data.train_images, data.train_labels,
-                                                 iters=settings.cls_iters, batch_size=settings.cls_batch,
-                                                 lr=settings.cls_lr, seed=seed, device=device,
-                                                 desc=f"[{pair}] {name} seed {seed}")
-            top1 = evaluate_top1(model, test_x, test_y, device)
-            model.eval()
-            gflops = forward_gflops(model, torch.zeros(1, 3, 32, 32, device=device))
-            extra: Dict[str, Any] = {}
-            if seed == 0 and pair == "vit":
-                n = settings.robustness_images
-                xs, ys = to_input(data.test_images[:n]), torch.from_numpy(data.test_labels[:n])
-                factors = [c for _, _, c in rows]
 
-                def batches(xs=xs, ys=ys):
-                    for i in range(0, len(ys), 500):
-                        yield xs[i:i + 500], ys[i:i + 500]
+def _timm_variant(name: str, timm_name: str, baseline: bool = False) -> Variant:
+    return Variant(name, baseline, dict(timm=timm_name))
 
-                robust[name] = robustness.evaluate(model, batches, factors, len(ys), progress=False)
-                extra["pln_scale_max_abs_logit_change"] = pln_scale_invariance(model, probe_images[:64].to(device))
-                gab = gab_parameters(model)
-                if gab:
-                    result.mechanism.setdefault("gab", {})[name] = gab
-            if seed == 0 and pair == "swin":
-                gab = gab_parameters(model)
-                if gab:
-                    result.mechanism.setdefault("gab", {})[name] = gab
-            if seed == 0 and pair == "sap" and not baseline:
-                result.mechanism["sap"] = sap_consistency(model, spec["variants"][0][1], overrides, probe_images)
-            result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric="top-1",
-                                         value=top1, train_time_s=train_time, iters=settings.cls_iters,
-                                         params=count_params(model), gflops=gflops, data_order=order,
-                                         init_params=init, extra=extra))
-            del model
-    if pair == "vit":
-        result.mechanism["robustness"] = dict(rows=rows, accuracy=robust, images=settings.robustness_images)
+
+@dataclass
+class ClassifierPair(Pair):
+    """A timm classifier pair on 32x32 Fashion-MNIST: the same overrides, seeds and batches for every variant.
+
+    Attributes:
+        overrides: The :class:`~kim_plugins.suite.settings.SuiteSettings` field with the ``timm.create_model``
+            overrides of its models (``'vit'``, ``'swin'``, ``'resnet'``).
+    """
+
+    overrides: str = "resnet"
+    metric: str = "top-1"
+    iters_field: str = "cls_iters"
+
+    def model_overrides(self, settings) -> Dict[str, Any]:
+        return getattr(settings, self.overrides)
+
+    def timing_setup(self, settings):
+        model = make_classifier(self.baseline.spec["timm"], self.model_overrides(settings), 0)
+        x = torch.randn(settings.cls_batch, 3, 32, 32)
+        y = torch.randint(0, 10, (settings.cls_batch,))
+        return model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x), len(x)
+
+    def estimate_cost(self, settings, cost, seen):
+        runs = settings.seeds * len(self.variants)
+        fixed = runs * (_CLS_OVERHEAD_S + settings.cls_test_images * cost["image_s"]) + self.probe_cost(settings, cost)
+        return Cost(fixed, runs * 1.1 * settings.cls_iters * cost["step_s"])
+
+    def probe_cost(self, settings, cost: Dict[str, float]) -> float:
+        """Seconds of the mechanism measurements."""
+        return 0.0
+
+    # hooks of :meth:`run`
+    def begin(self, result, settings, data) -> None:
+        """Before the first run."""
+
+    def measure(self, model: nn.Module, variant: Variant, result, settings, data, device: str,
+                probe_images: torch.Tensor) -> Dict[str, Any]:
+        """The mechanism on a trained seed-0 model; returns extra numbers for its run record."""
+        return {}
+
+    def finish(self, result, settings) -> None:
+        """After the last run."""
+
+    def describe(self, settings) -> str:
+        """What the models are (the description's first sentences)."""
+        return ""
+
+    def run(self, settings, data, out_dir, device, cache):
+        from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
+
+        overrides = self.model_overrides(settings)
+        test_x = data.test_images[:settings.cls_test_images]
+        test_y = data.test_labels[:settings.cls_test_images]
+        result = PairResult(pair=self.name, title=self.title, description="", metric=self.metric)
+        self.begin(result, settings, data)
+        probe_images = to_input(data.test_images[:256])
+        for seed in range(settings.seeds):
+            for v in self.variants:
+                model = make_classifier(v.spec["timm"], overrides, seed)
+                init = param_fingerprint(model)
+                train_time, order = train_classifier(model, data.train_images, data.train_labels,
+                                                     iters=settings.cls_iters, batch_size=settings.cls_batch,
+                                                     lr=settings.cls_lr, seed=seed, device=device,
+                                                     desc=f"[{self.name}] {v.name} seed {seed}")
+                top1 = evaluate_top1(model, test_x, test_y, device)
+                model.eval()
+                gflops = forward_gflops(model, torch.zeros(1, 3, 32, 32, device=device))
+                extra = self.measure(model, v, result, settings, data, device, probe_images) if seed == 0 else {}
+                result.runs.append(RunRecord(pair=self.name, variant=v.name, baseline=v.baseline, seed=seed,
+                                             metric=self.metric, value=top1, train_time_s=train_time,
+                                             iters=settings.cls_iters, params=count_params(model), gflops=gflops,
+                                             data_order=order, init_params=init, extra=extra))
+                del model
+        self.finish(result, settings)
+        result.description = self.describe(settings) + (
+            f"Fashion-MNIST 28x28 zero-padded to 32x32, grey to RGB, random horizontal flip; {settings.cls_iters} "
+            f"iterations x batch {settings.cls_batch} ({settings.cls_iters * settings.cls_batch / 60000:.2f} epochs "
+            f"of the 60k training images), AdamW lr {settings.cls_lr:g} wd 0.05 (timm `create_optimizer_v2`: no "
+            f"decay on norms, biases and `no_weight_decay()`), cosine schedule with warm-up; top-1 on the first "
+            f"{len(test_y)} test images.")
+        return result
+
+
+def _record_gab(model: nn.Module, variant: Variant, result) -> None:
+    gab = gab_parameters(model)
+    if gab:
+        result.mechanism.setdefault("gab", {})[variant.name] = gab
+
+
+@dataclass
+class ViTPair(ClassifierPair):
+    """ViT vs GAB / PLN: contrast robustness, PLN's scale invariance, the learnt GAB parameters."""
+
+    overrides: str = "vit"
+    plots: Tuple[str, ...] = ("robustness.png",)
+
+    def probe_cost(self, settings, cost):
+        return len(self.variants) * 11 * settings.robustness_images * cost["image_s"]
+
+    def begin(self, result, settings, data):
+        result.mechanism["robustness"] = dict(
+            rows=robustness.severity_table(robustness.REDUCE_DEFAULT, robustness.ENHANCE_DEFAULT), accuracy={},
+            images=settings.robustness_images)
+
+    def measure(self, model, variant, result, settings, data, device, probe_images):
+        rob = result.mechanism["robustness"]
+        n = settings.robustness_images
+        xs, ys = to_input(data.test_images[:n]), torch.from_numpy(data.test_labels[:n])
+
+        def batches(xs=xs, ys=ys):
+            for i in range(0, len(ys), 500):
+                yield xs[i:i + 500], ys[i:i + 500]
+
+        rob["accuracy"][variant.name] = robustness.evaluate(model, batches, [c for _, _, c in rob["rows"]], len(ys),
+                                                            progress=False)
+        _record_gab(model, variant, result)
+        return dict(pln_scale_max_abs_logit_change=pln_scale_invariance(model, probe_images[:64].to(device)))
+
+    def describe(self, settings):
         v = settings.vit
-        result.description = (
-            f"timm `vit_tiny_patch16_224` and the plugin names `vit_tiny_patch16_gab_224`, `vit_tiny_patch16_pln_224`, "
-            f"`vit_small_patch16_gab_pln_224`, all created with the same overrides {v} (patch {v['patch_size']} on "
-            f"{v['img_size']}x{v['img_size']}: an {v['img_size'] // v['patch_size']}x{v['img_size'] // v['patch_size']}"
-            f" token grid + class token). ")
-    elif pair == "swin":
+        return (f"timm `vit_tiny_patch16_224` and the plugin names `vit_tiny_patch16_gab_224`, "
+                f"`vit_tiny_patch16_pln_224`, `vit_small_patch16_gab_pln_224`, all created with the same overrides "
+                f"{v} (patch {v['patch_size']} on {v['img_size']}x{v['img_size']}: an "
+                f"{v['img_size'] // v['patch_size']}x{v['img_size'] // v['patch_size']} token grid + class token). ")
+
+    def section_lines(self, result):
+        return vit_section(result)
+
+    def plot(self, name, results, path):
+        from kim_plugins.robustness import plot as plot_robustness
+
+        pr = results[0]
+        rob = pr.mechanism["robustness"]
+        plot_robustness(rob["accuracy"], rob["rows"],
+                        f"Fashion-MNIST test ({rob['images']} images), models trained {pr.runs[0].iters} iterations "
+                        f"here (seed 0)", path)
+
+
+@dataclass
+class SwinPair(ClassifierPair):
+    """Swin vs its GAB version: the learnt sigma and amplitude of every block."""
+
+    overrides: str = "swin"
+
+    def measure(self, model, variant, result, settings, data, device, probe_images):
+        _record_gab(model, variant, result)
+        return {}
+
+    def describe(self, settings):
         s = settings.swin
-        result.description = (
-            f"timm `swin_tiny_patch4_window7_224` vs `swin_tiny_patch4_window7_gab_224` (σ0 = 5, a0 = 2, one (σ, a) "
-            f"per block on top of Swin's relative position bias), both with the overrides {s}: a "
-            f"{s['img_size'] // s['patch_size']}x{s['img_size'] // s['patch_size']} grid in stage 1, windows of "
-            f"{s['window_size']}x{s['window_size']} tokens, every second block shifted. ")
-    else:
-        r = settings.resnet
-        result.description = (
-            f"timm `resnet18d` vs `resnet18d_sap` (keep probability 0.5: global pooling and the `avg_down` shortcut "
-            f"pooling stochastic in training), both with {r}: at 32x32 input the last feature map, which the global "
-            f"pool averages, is 4x4 (a stock ResNet ends in 1x1 there, where global SAP does nothing). ")
-    result.description += (
-        f"Fashion-MNIST 28x28 zero-padded to 32x32, grey to RGB, random horizontal flip; {settings.cls_iters} "
-        f"iterations x batch {settings.cls_batch} ({settings.cls_iters * settings.cls_batch / 60000:.2f} epochs of "
-        f"the 60k training images), AdamW lr {settings.cls_lr:g} wd 0.05 (timm `create_optimizer_v2`: no decay on "
-        f"norms, biases and `no_weight_decay()`), cosine schedule with warm-up; top-1 on the first "
-        f"{len(test_y)} test images.")
-    return result
+        return (f"timm `swin_tiny_patch4_window7_224` vs `swin_tiny_patch4_window7_gab_224` (σ0 = 5, a0 = 2, one "
+                f"(σ, a) per block on top of Swin's relative position bias), both with the overrides {s}: a "
+                f"{s['img_size'] // s['patch_size']}x{s['img_size'] // s['patch_size']} grid in stage 1, windows of "
+                f"{s['window_size']}x{s['window_size']} tokens, every second block shifted. ")
+
+    def section_lines(self, result):
+        return swin_section(result)
+
+
+@dataclass
+class SAPPair(ClassifierPair):
+    """ResNet-18-D vs its SAP version: SAP's train/eval consistency."""
+
+    plots: Tuple[str, ...] = ("sap_consistency.png",)
+
+    def measure(self, model, variant, result, settings, data, device, probe_images):
+        if not variant.baseline:
+            result.mechanism["sap"] = sap_consistency(model, self.baseline.spec["timm"],
+                                                      self.model_overrides(settings), probe_images)
+        return {}
+
+    def describe(self, settings):
+        return (f"timm `resnet18d` vs `resnet18d_sap` (keep probability 0.5: global pooling and the `avg_down` "
+                f"shortcut pooling stochastic in training), both with {settings.resnet}: at 32x32 input the last "
+                f"feature map, which the global pool averages, is 4x4 (a stock ResNet ends in 1x1 there, where "
+                f"global SAP does nothing). ")
+
+    def section_lines(self, result):
+        return sap_section(result)
+
+    def plot(self, name, results, path):
+        m = results[0].mechanism.get("sap")
+        if not m:
+            return False
+        plot_sap(m, path)
+
+
+VIT = register(ViTPair(
+    name="vit", group="vit", title="ViT patch 4 on 32x32: Gaussian attention bias and PreLayerNorm",
+    variants=(_timm_variant("ViT", "vit_tiny_patch16_224", True),
+              _timm_variant("ViT + GAB", "vit_tiny_patch16_gab_224"),
+              _timm_variant("ViT + PLN", "vit_tiny_patch16_pln_224"),
+              _timm_variant("ViT + GAB + PLN", "vit_small_patch16_gab_pln_224"))))
+SWIN = register(SwinPair(
+    name="swin", group="swin",
+    title="Swin (patch 2, window 4) on 32x32: Gaussian attention bias on the paper's segmentation host",
+    variants=(_timm_variant("Swin", "swin_tiny_patch4_window7_224", True),
+              _timm_variant("Swin + GAB", "swin_tiny_patch4_window7_gab_224"))))
+SAP = register(SAPPair(
+    name="sap", group="sap", title="ResNet-18-D vs its stochastic-average-pooling version",
+    variants=(_timm_variant("ResNet-18-D", "resnet18d", True), _timm_variant("ResNet-18-D + SAP", "resnet18d_sap"))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report section and plots
+# ---------------------------------------------------------------------------------------------------------
+
+def vit_section(pr: PairResult) -> List[str]:
+    rob = pr.mechanism.get("robustness", {})
+    acc = rob.get("accuracy", {})
+    rows_def = rob.get("rows", [])
+    lines = ["### PreLayerNorm: accuracy under contrast change",
+             "",
+             f"Top-1 (%) of the seed-0 models on the first {rob.get('images')} Fashion-MNIST test images under "
+             "ImageNet-C contrast change `clip((x - mean) * c + mean, 0, 1)` (reduction c < 1, enhancement c > 1; "
+             "`tools/robustness.py`). A contrast change scales the patch embedding but not the positional "
+             "embedding; PLN normalises the projected patch tokens before the positional embedding is added.",
+             ""]
+    names = list(acc)
+    table_rows = []
+    for kind, sev, c in rows_def:
+        row = dict(kind=kind, sev=str(sev), c=f"{c:g}")
+        for i, n in enumerate(names):
+            row[f"m{i}"] = f"{acc[n][c]:.2f}"
+        table_rows.append(row)
+    lines.append(markdown_table(table_rows, ["kind", "sev", "c"] + [f"m{i}" for i in range(len(names))],
+                        ["contrast", "severity", "factor c"] + names))
+    inv = [(r.variant, r.extra.get("pln_scale_max_abs_logit_change")) for r in pr.runs
+           if r.seed == 0 and "pln_scale_max_abs_logit_change" in r.extra]
+    if inv:
+        lines += ["", "Invariance to the image's scale, model(α·x) = model(x): largest |logit change| of the "
+                      "trained model when its normalised input images are multiplied by α ∈ {0.25, 0.5, 2, 4} "
+                      "(PLN's projection is bias-free, so LN(α·xE) = LN(xE)):", "",
+                  markdown_table([dict(v=v, d=f"{d:.3g}") for v, d in inv], ["v", "d"], ["variant", "max |Δ logit|"])]
+    lines += _gab_table(pr)
+    lines += ["", "![contrast robustness](robustness.png)"]
+    return lines
+
+
+def _gab_table(pr: PairResult) -> List[str]:
+    """The learnt σ and a of every GAB block (seed 0), if the pair has GAB variants."""
+    gab = pr.mechanism.get("gab", {})
+    if not gab:
+        return []
+    grows = [dict(v=v, sig=", ".join(f"{s:.2f}" for g in blocks for s in g["sigma"]),
+                  amp=", ".join(f"{a:.2f}" for g in blocks for a in g["amplitude"]))
+             for v, blocks in gab.items()]
+    return ["", "Learnt Gaussian attention bias (σ in patches, initialised 5; amplitude a, initialised 2: "
+                "supplement §C), seed 0, block by block:", "",
+            markdown_table(grows, ["v", "sig", "amp"], ["variant", "σ per block", "a per block"])]
+
+
+def swin_section(pr: PairResult) -> List[str]:
+    lines = ["### Gaussian attention bias on Swin",
+             "",
+             "Every window attention of the GAB Swin adds a² · exp(-(dh² + dw²) / (2σ²)) of the in-window "
+             "offsets to Swin's relative position bias (the paper's ADE20K / COCO host)."]
+    return lines + _gab_table(pr)
+
+
+def sap_section(pr: PairResult) -> List[str]:
+    m = pr.mechanism.get("sap", {})
+    if not m:
+        return []
+    lines = ["### Stochastic average pooling: train/eval consistency",
+             "",
+             f"On the trained seed-0 SAP model ({len(m['stochastic_pools'])} stochastic pools, keep probability "
+             f"{m['keep_prob']:g}), 256 test images:",
+             "",
+             markdown_table([
+                 dict(k="pooled map before the global pool", v=f"{m['pooled_map'][0]}x{m['pooled_map'][1]}"),
+                 dict(k="eval output bit-identical to the plain ResNet-18-D with the same weights",
+                      v="yes" if m["eval_bit_identical_to_plain"] else "**NO**"),
+                 dict(k="train-mode output (only the SAP pools stochastic) differs from eval (asserted)",
+                      v=f"yes: max |Δ logit| {m['max_abs_logit_diff_train_vs_eval']:.3g}, "
+                        f"{100 * m['frac_logits_changed']:.1f} % of logits changed"),
+                 dict(k=f"global pool, train mode: |E[train] - eval| / |eval| over {m['draws']} draws",
+                      v=f"SAP {m['sap_mean_rel_err']:.3f} vs inverted dropout (p={m['dropout_p']:g}) "
+                        f"{m['dropout_mean_rel_err']:.3f}"),
+                 dict(k="global pool: variance over images, train / eval (median over features; 1 = no shift)",
+                      v=f"SAP {m['sap_var_ratio']:.3f} vs inverted dropout {m['dropout_var_ratio']:.3f}"),
+             ], ["k", "v"], ["check", "result"]),
+             "",
+             "Both estimators are unbiased in the mean; SAP averages a random half of each window, so its "
+             "train-mode features keep nearly the eval-mode variance, while dropout's rescaled zeros inflate "
+             "it — the train/test variance shift SAP is designed to avoid.",
+             "",
+             "![SAP consistency](sap_consistency.png)"]
+    return lines
+
+
+def plot_sap(m: Dict[str, Any], path: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    axes[0].bar(["SAP", f"dropout p={m['dropout_p']:g}"], [m["sap_var_ratio"], m["dropout_var_ratio"]],
+                color=["#3b75af", "#c44e52"])
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_title("feature variance train / eval (1 = no shift)", fontsize=8)
+    axes[1].bar(["SAP", f"dropout p={m['dropout_p']:g}"], [m["sap_mean_rel_err"], m["dropout_mean_rel_err"]],
+                color=["#3b75af", "#c44e52"])
+    axes[1].set_title(f"|E[train] - eval| / |eval| ({m['draws']} draws)", fontsize=8)
+    fig.suptitle("Global pooling of the trained SAP ResNet: train vs eval mode", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

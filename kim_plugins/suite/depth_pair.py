@@ -28,24 +28,27 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DEPTH_VARIANTS", "make_depth_scenes", "run_depth_pair", "depth_synthetic_step"]
+from kim_plugins.suite.pairs import Cost, Pair, Variant, register
+
+__all__ = ["DEPTH_VARIANTS", "DepthPair", "DEPTH", "make_depth_scenes", "run_depth_pair"]
 
 MAX_DEPTH = 10.0
 BACKGROUND_DEPTH = 9.5
 SCENE = 64
 
-DEPTH_VARIANTS: List[Tuple[str, Dict[str, Any], bool]] = [
-    ("mmseg SiLogLoss", dict(loss="mmseg", log_space=False), True),
-    ("StableSiLogLoss", dict(loss="stable", log_space=False), False),
-    ("StableSiLogLoss + log-sigmoid", dict(loss="stable", log_space=True), False),
-]
+DEPTH_VARIANTS: Tuple[Variant, ...] = (
+    Variant("mmseg SiLogLoss", True, dict(loss="mmseg", log_space=False)),
+    Variant("StableSiLogLoss", False, dict(loss="stable", log_space=False)),
+    Variant("StableSiLogLoss + log-sigmoid", False, dict(loss="stable", log_space=True)),
+)
 
 
 def make_depth_scenes(images: np.ndarray, labels: np.ndarray, count: int, seed: int, sparse: bool
@@ -156,29 +159,47 @@ def _batch(settings) -> int:
     return max(2, settings.cls_batch // 2)
 
 
-def depth_synthetic_step(settings) -> Tuple[Callable, Callable, int]:
-    """A training step and an eval forward of the depth baseline on random data (budget estimate)."""
-    from kim_plugins.suite.cls import timing_closures
+@dataclass
+class DepthPair(Pair):
+    """mmseg's ``SiLogLoss`` vs the NaN-safe loss and head on sparse depth (see the module docstring)."""
 
-    model = TinyDepthNet()
-    x = torch.rand(_batch(settings), 3, SCENE, SCENE)
-    d = torch.rand(_batch(settings), 1, SCENE, SCENE) * 9 + 0.5
-    return (*timing_closures(model, lambda m: F.l1_loss(torch.sigmoid(m(x)) * MAX_DEPTH, d), lambda m: m(x)),
-            len(x))
+    metric: str = "d1"
+    iters_field: str = "stab_iters"
+
+    def timing_setup(self, settings):
+        model = TinyDepthNet()
+        x = torch.rand(_batch(settings), 3, SCENE, SCENE)
+        d = torch.rand(_batch(settings), 1, SCENE, SCENE) * 9 + 0.5
+        return model, lambda m: F.l1_loss(torch.sigmoid(m(x)) * MAX_DEPTH, d), lambda m: m(x), len(x)
+
+    def estimate_cost(self, settings, cost, seen):
+        from kim_plugins.suite.cls import _CLS_OVERHEAD_S
+
+        runs = settings.seeds * len(self.variants)
+        return Cost(runs * (_CLS_OVERHEAD_S + settings.depth_val_scenes * cost["image_s"]),
+                    runs * 1.1 * settings.stab_iters * cost["step_s"])
+
+    def run(self, settings, data, out_dir, device, cache):
+        return run_depth_pair(self, settings, data, device)
+
+    def section_lines(self, result):
+        from kim_plugins.suite.stability import report_lines
+
+        return report_lines(result)
 
 
-def run_depth_pair(settings, data, device: str):
+def run_depth_pair(pair: DepthPair, settings, data, device: str):
     """Train the three depth variants for every seed on sparse Fashion-scene depth; count failures."""
     from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
 
     train_x, train_d = make_depth_scenes(data.train_images, data.train_labels, settings.depth_train_scenes, 0, True)
     val_x, val_d = make_depth_scenes(data.test_images, data.test_labels, settings.depth_val_scenes, 1, False)
     valid_counts = (train_d > 0).flatten(1).sum(1)
-    result = PairResult(pair="depth", title="Monocular depth on sparse Fashion scenes: mmseg SiLogLoss vs NaN-safe",
-                        description="", metric="d1")
+    result = PairResult(pair=pair.name, title=pair.title, description="", metric=pair.metric)
     rows = []
     for seed in range(settings.seeds):
-        for name, spec, baseline in DEPTH_VARIANTS:
+        for v in pair.variants:
+            name, spec, baseline = v.name, v.spec, v.baseline
             torch.manual_seed(seed)
             model = TinyDepthNet()
             init = param_fingerprint(model)
@@ -190,7 +211,8 @@ def run_depth_pair(settings, data, device: str):
                          stuck_frac_last_batch=round(stats["stuck_frac_last_batch"], 5),
                          rmse=round(metrics["rmse"], 4), abs_rel=round(metrics["abs_rel"], 4))
             rows.append(dict(variant=name, seed=seed, **extra))
-            result.runs.append(RunRecord(pair="depth", variant=name, baseline=baseline, seed=seed, metric="d1",
+            result.runs.append(RunRecord(pair=pair.name, variant=name, baseline=baseline, seed=seed,
+                                         metric=pair.metric,
                                          value=100.0 * metrics["d1"], train_time_s=stats["train_time_s"],
                                          iters=settings.stab_iters, params=count_params(model),
                                          gflops=forward_gflops(model, torch.zeros(1, 3, SCENE, SCENE, device=device)),
@@ -205,3 +227,8 @@ def run_depth_pair(settings, data, device: str):
         f"{settings.stab_iters} iterations x batch {_batch(settings)}; steps with a non-finite loss or gradient "
         "are skipped and counted. Metrics: mmseg's `DepthMetric` (d1 in %, rmse, abs_rel).")
     return result
+
+
+DEPTH = register(DepthPair(
+    name="depth", group="depth", variants=DEPTH_VARIANTS,
+    title="Monocular depth on sparse Fashion scenes: mmseg SiLogLoss vs NaN-safe"))

@@ -24,7 +24,8 @@ class RunRecord:
         train_time_s: Wall time of training (SE calibration included), evaluation excluded.
         iters: Training iterations.
         params: Trainable parameters.
-        gflops: Forward GFLOPs of one input (``torch.utils.flop_counter``: convolutions, matmuls, attention).
+        gflops: Forward GFLOPs of one input, one multiply-add = 1 FLOP (:data:`kim_plugins.markdown.FLOP_CONVENTION`;
+            ``torch.utils.flop_counter``'s count of convolutions, matmuls and attention, halved).
         data_order: Digest of the training batches (file names / indices and flips) in order.
         init_params: Per-parameter digests at the start of training (after any calibration).
         extra: Other numbers (aAcc, ...).
@@ -84,13 +85,17 @@ def count_params(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def forward_gflops(fn, *args: Any) -> float:
-    """Forward GFLOPs of ``fn(*args)`` counted by :class:`torch.utils.flop_counter.FlopCounterMode`."""
+    """Forward GFLOPs of ``fn(*args)``, one multiply-add = 1 FLOP (the project's convention,
+    :data:`kim_plugins.markdown.FLOP_CONVENTION`, as mmengine counts in ``tools/benchmark.py``).
+
+    :class:`torch.utils.flop_counter.FlopCounterMode` counts a multiply-add as 2, so its total is halved.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         fn(*args)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def same_fingerprints(a: Dict[str, str], b: Dict[str, str]) -> Optional[bool]:

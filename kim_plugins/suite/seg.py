@@ -24,33 +24,37 @@ Mechanisms measured here:
 from __future__ import annotations
 
 import copy
+import math
 import hashlib
 import json
 import os
 import time
 import uuid
-import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from kim_plugins.layers.atrous import REFERENCE_RATES  # mmseg's DeepLabV3 rates
+from kim_plugins.layers.fusion_trace import FusionTracingMode
+from kim_plugins.markdown import markdown_table
+from kim_plugins.suite.pairs import Cost, Pair, Variant, register
+from kim_plugins.suite.records import PairResult
+from kim_plugins.suite.report import pyplot
 
 __all__ = [
-    "SEG_PAIRS",
+    "SegPair",
+    "SEPair",
+    "RatesPair",
     "seg_model_cfg",
     "seg_runner_cfg",
     "FusionVarianceRecorder",
     "measure_fusion_variances",
-    "run_seg_pair",
 ]
 
 NUM_CLASSES = 11
-REFERENCE_RATES = (1, 12, 24, 36)  # mmseg's DeepLabV3 configs; also kim_plugins.layers.atrous.REFERENCE_RATES
 _NORM = dict(type="BN", requires_grad=True)
-_CATS = (torch.cat, torch.concat, torch.concatenate)
-_ADDS = (torch.Tensor.add, torch.Tensor.__add__, torch.add)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def _var(t: torch.Tensor) -> float:
     return float(t.detach().double().var(unbiased=False))
 
 
-class FusionVarianceRecorder(TorchFunctionMode):
+class FusionVarianceRecorder(FusionTracingMode):
     """Records the operands of every concat / add that fuses an upsampled map, with their variances.
 
     Active around a decode head's forward (outside the scale-equalized
@@ -186,23 +190,16 @@ class FusionVarianceRecorder(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._labels: Dict[int, Tuple[Any, str]] = {}
         self.fusions: List[Dict[str, Any]] = []
         self.equalizers: Dict[str, Dict[str, float]] = {}
         self._handles: List[Any] = []
 
     def _mark(self, t: torch.Tensor, label: str, site: Optional[str] = None) -> None:
-        self._labels[id(t)] = (weakref.ref(t), label, site)
-
-    def _entry(self, t: Any):
-        if not isinstance(t, torch.Tensor):
-            return None
-        entry = self._labels.get(id(t))
-        return entry if entry is not None and entry[0]() is t else None
+        self.mark(t, (label, site))
 
     def label(self, t: Any) -> Optional[str]:
-        entry = self._entry(t)
-        return entry[1] if entry is not None else None
+        entry = self.marked(t)
+        return entry[0] if entry is not None else None
 
     def watch(self, head: nn.Module) -> "FusionVarianceRecorder":
         """Hook every scale equalizer of ``head`` (``head.scale_equalizers``, if any)."""
@@ -230,34 +227,32 @@ class FusionVarianceRecorder(TorchFunctionMode):
         ops = []
         direct = 0
         for t in tensors:
-            entry = self._entry(t)
+            entry = self.marked(t)
             if entry is None:
                 direct += 1
                 ops.append(dict(label=f"direct #{direct}", var=_var(t)))
                 continue
-            op = dict(label=entry[1], var=_var(t))
-            if entry[2] is not None:
-                op.update(site=entry[2], var_without_se=op["var"] / self.equalizers[entry[2]]["scale_sq"])
+            op = dict(label=entry[0], var=_var(t))
+            if entry[1] is not None:
+                op.update(site=entry[1], var_without_se=op["var"] / self.equalizers[entry[1]]["scale_sq"])
             ops.append(op)
         self.fusions.append(dict(kind=kind, size=tuple(tensors[0].shape[-2:]), operands=ops))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def on_interpolate(self, func, args, kwargs):
         out = func(*args, **kwargs)
-        if func is F.interpolate:
-            x = args[0] if args else kwargs["input"]
-            factor = out.shape[-1] / max(1, x.shape[-1])
-            src = self._entry(x)
-            self._mark(out, (f"{src[1]} -> " if src else "") + f"upsampled x{factor:.3g}", src[2] if src else None)
-        elif func in _CATS:
-            tensors = list(args[0] if args else kwargs["tensors"])
-            if any(self.label(t) for t in tensors):
-                self._record("concat", tensors)
-        elif func in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
-            a, b = args[:2]
-            if a.dim() == 4 and a.shape == b.shape and (self.label(a) or self.label(b)):
-                self._record("add", [a, b])
+        x = args[0] if args else kwargs["input"]
+        factor = out.shape[-1] / max(1, x.shape[-1])
+        src = self.marked(x)
+        self._mark(out, (f"{src[0]} -> " if src else "") + f"upsampled x{factor:.3g}", src[1] if src else None)
         return out
+
+    def on_concat(self, tensors):
+        if any(self.label(t) for t in tensors):
+            self._record("concat", tensors)
+
+    def on_add(self, a, b):
+        if a.dim() == 4 and a.shape == b.shape and (self.label(a) or self.label(b)):
+            self._record("add", [a, b])
 
 
 @torch.no_grad()
@@ -385,78 +380,227 @@ def train_seg(cfg, desc: str, snapshot: bool = False):
 # the pairs
 # ---------------------------------------------------------------------------------------------------------
 
-#: pair id -> (title, [(variant name, head type, head kwargs, is baseline)], input size key)
-SEG_PAIRS: Dict[str, Dict[str, Any]] = {
-    "se-uper": dict(title="Scale equalizers in UPerNet (UPerHead vs SEUPerHead)", size="scene",
-                    variants=[("UPerHead", "UPerHead", {}, True),
-                              ("SEUPerHead", "SEUPerHead", dict(se_mode="dataset"), False)]),
-    "se-aspp": dict(title="Scale equalizers in DeepLabV3 (ASPPHead vs SEASPPHead)", size="scene",
-                    variants=[("ASPPHead", "ASPPHead", {}, True),
-                              ("SEASPPHead", "SEASPPHead", dict(se_mode="dataset"), False)]),
-    "rates-small": dict(title="Atrous rates at the smaller input size", size=0,
-                        variants=[("rates (1, 12, 24, 36)", "ASPPHead", {}, True),
-                                  ("resolution-aware rates", "RAASPPHead", dict(dilations="auto", output_stride=8),
-                                   False)]),
-    "rates-large": dict(title="Atrous rates at the larger input size", size=1,
-                        variants=[("rates (1, 12, 24, 36)", "ASPPHead", {}, True),
-                                  ("resolution-aware rates", "RAASPPHead", dict(dilations="auto", output_stride=8),
-                                   False)]),
+_SEG_OVERHEAD_S = 2.5  # Runner build, dataset scan, hooks, per run
+_BACKBONE_TEXT = {
+    "multi": "ResNetV1c-18 (16 base channels), 4 stages, strides 4-32",
+    "d8": "ResNetV1c-18 (16 base channels), DeepLabV3 layout: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), "
+          "output stride 8",
 }
 
 
-def pair_size(pair: str, settings) -> int:
-    """Input size of a segmentation pair."""
-    key = SEG_PAIRS[pair]["size"]
-    return settings.scene_size if key == "scene" else int(settings.rates_sizes[key])
-
-
-def _variant_cfg(pair: str, head: str, head_kw: Dict[str, Any], size: int, settings) -> Dict[str, Any]:
+def _variant_cfg(head: str, head_kw: Dict[str, Any], size: int) -> Dict[str, Any]:
     kw = dict(head_kw)
     if kw.get("dilations") == "auto":
         kw["crop_size"] = (size, size)
     return seg_model_cfg(head, size, **kw)
 
 
-def synthetic_step(pair: str, settings, batch_size: Optional[int] = None) -> Tuple[Callable, Callable, int]:
-    """A training step and an eval forward of ``n`` images of the pair's baseline on random data.
+def _seg_variant(name: str, head: str, baseline: bool = False, calibrate: bool = False, **head_kw: Any) -> Variant:
+    """A segmentation variant: an mmseg head type and its arguments (``calibrate``: an SE head whose equalizers
+    the calibration hook fits before training)."""
+    return Variant(name, baseline, dict(head=head, head_kw=head_kw, calibrate=calibrate))
 
-    For the budget estimate. Returns ``(step, forward, n)``.
+
+@dataclass
+class SegPair(Pair):
+    """An mmseg ``EncoderDecoder`` pair on Fashion scenes, trained by mmengine's ``Runner``.
+
+    Attributes:
+        size: ``'scene'`` (the scenes' own size) or an index into ``settings.rates_sizes``.
+        backbone: ``'multi'`` (UPerNet) or ``'d8'`` (the ASPP heads), for the description.
     """
-    from mmengine.registry import init_default_scope
-    from mmengine.structures import PixelData
-    from mmseg.registry import MODELS
-    from mmseg.structures import SegDataSample
 
-    import kim_plugins.mmseg  # noqa: F401
+    size: Any = "scene"
+    backbone: str = "d8"
+    iters_field: str = "seg_iters"
+    metric: str = "mIoU"
+    needs_scenes: bool = True
 
-    init_default_scope("mmseg")
-    size = pair_size(pair, settings)
-    _, head, head_kw, _ = SEG_PAIRS[pair]["variants"][0]
-    model = MODELS.build(_variant_cfg(pair, head, head_kw, size, settings))
-    bs = batch_size or settings.seg_batch
-    x = torch.randn(bs, 3, size, size)
-    samples = []
-    for _ in range(bs):
-        s = SegDataSample()
-        s.gt_sem_seg = PixelData(data=torch.randint(0, NUM_CLASSES, (1, size, size)))
-        s.set_metainfo(dict(img_shape=(size, size), pad_shape=(size, size), ori_shape=(size, size)))
-        samples.append(s)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def input_size(self, settings) -> int:
+        """Input size of the pair."""
+        return settings.scene_size if self.size == "scene" else int(settings.rates_sizes[self.size])
 
-    def step() -> None:
-        model.train()
-        losses = model(x, samples, mode="loss")
-        loss = sum(v for k, v in losses.items() if "loss" in k)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def model_cfg(self, variant: Variant, settings) -> Dict[str, Any]:
+        return _variant_cfg(variant.spec["head"], variant.spec["head_kw"], self.input_size(settings))
 
-    @torch.no_grad()
-    def forward() -> None:
-        model.eval()
-        model(x[:4], mode="tensor")
+    # ---- budget -------------------------------------------------------------------------------------------
+    def timing_setup(self, settings):
+        from mmengine.registry import init_default_scope
+        from mmengine.structures import PixelData
+        from mmseg.registry import MODELS
+        from mmseg.structures import SegDataSample
 
-    return step, forward, 4
+        import kim_plugins.mmseg  # noqa: F401
+
+        init_default_scope("mmseg")
+        size = self.input_size(settings)
+        model = MODELS.build(self.model_cfg(self.baseline, settings))
+        bs = settings.seg_batch
+        x = torch.randn(bs, 3, size, size)
+        samples = []
+        for _ in range(bs):
+            s = SegDataSample()
+            s.gt_sem_seg = PixelData(data=torch.randint(0, NUM_CLASSES, (1, size, size)))
+            s.set_metainfo(dict(img_shape=(size, size), pad_shape=(size, size), ori_shape=(size, size)))
+            samples.append(s)
+
+        def loss_fn(m: nn.Module) -> torch.Tensor:
+            return sum(v for k, v in m(x, samples, mode="loss").items() if "loss" in k)
+
+        return model, loss_fn, lambda m: m(x[:4], mode="tensor"), 4
+
+    def calib_cost(self, settings, cost: Dict[str, float]) -> float:
+        """Seconds of the calibration hook per seed (0: no equalizer to calibrate)."""
+        if not any(v.spec["calibrate"] for v in self.variants):
+            return 0.0
+        return settings.se_calib_batches * settings.seg_batch * cost["image_s"]
+
+    def estimate_cost(self, settings, cost, seen):
+        size = self.input_size(settings)
+        keys = {(v.spec["head"], repr(sorted(v.spec["head_kw"].items())), size) for v in self.variants}
+        variants = len(keys - seen)
+        seen |= keys
+        runs = settings.seeds * variants
+        fixed = (runs * (_SEG_OVERHEAD_S + 1.3 * settings.num_val_scenes * cost["image_s"])
+                 + settings.seeds * self.calib_cost(settings, cost)
+                 + 2 * variants * 4 * max(settings.erf_images, settings.variance_images) * cost["image_s"])
+        return Cost(fixed, runs * 1.15 * settings.seg_iters * cost["step_s"])
+
+    # ---- running ------------------------------------------------------------------------------------------
+    def title_at(self, size: int) -> str:
+        return self.title
+
+    def probe(self, variant: Variant, run: Dict[str, Any], settings, store: Dict[str, Any]) -> None:
+        """Measure the mechanism on the seed-0 run of ``variant`` (its initial and trained models)."""
+
+    def finish(self, result, store: Dict[str, Any], size: int, rates_used: Dict[str, Tuple[int, ...]]) -> None:
+        """Put the measurements of :meth:`probe` into ``result.mechanism``."""
+
+    def describe_mechanism(self, settings) -> str:
+        return ""
+
+    def run(self, settings, data, out_dir, device, cache):
+        from kim_plugins.suite.records import PairResult, RunRecord
+
+        size = self.input_size(settings)
+        result = PairResult(pair=self.name, title=self.title_at(size), description="", metric=self.metric)
+        store: Dict[str, Any] = {}
+        rates_used: Dict[str, Tuple[int, ...]] = {}
+        shared: Dict[str, str] = {}
+        for seed in range(settings.seeds):
+            for v in self.variants:
+                run = _train_variant(self, v, seed, size, settings, data, out_dir, device, cache)
+                extra: Dict[str, Any] = dict(aAcc=float(run["metrics"].get("aAcc", float("nan"))),
+                                             mAcc=float(run["metrics"].get("mAcc", float("nan"))),
+                                             output_stride=run["output_stride"])
+                if run["dilations"]:
+                    rates_used[v.name] = run["dilations"]
+                    extra["dilations"] = str(run["dilations"])
+                if "shared_from" in run:
+                    shared[v.name] = run["shared_from"]
+                    extra["shared_with"] = run["shared_from"]
+                result.runs.append(RunRecord(pair=self.name, variant=v.name, baseline=v.baseline, seed=seed,
+                                             metric=self.metric, value=float(run["metrics"].get("mIoU", float("nan"))),
+                                             train_time_s=run["train_time"], iters=run["iters"],
+                                             params=run["params"], gflops=run["gflops"], data_order=run["order"],
+                                             init_params=run["init_params"], extra=extra))
+                if seed == 0:
+                    self.probe(v, run, settings, store)
+        variants = "; ".join(f"**{v.name}**" + (f" rates {rates_used[v.name]}" if v.name in rates_used else "")
+                             + (f" (the same run as in `{shared[v.name]}`: identical config, data and seed)"
+                                if v.name in shared else "") for v in self.variants)
+        result.description = (
+            f"{variants}. Backbone {_BACKBONE_TEXT[self.backbone]}; decode head 32 channels, no auxiliary head. "
+            f"Fashion scenes {data.scene_size}px" + (f" resized to {size}x{size}" if size != data.scene_size else "")
+            + f"; {settings.seg_iters} iterations x batch {settings.seg_batch} (random flip), SGD momentum 0.9, "
+            f"lr {settings.seg_lr:g}, weight decay 5e-4, linear warm-up then poly decay (mmseg's recipe, higher lr "
+            f"for a short run); mIoU on {data.num_val_scenes} val scenes (whole image)."
+            + self.describe_mechanism(settings))
+        self.finish(result, store, size, rates_used)
+        return result
+
+
+@dataclass
+class SEPair(SegPair):
+    """A decode head vs its scale-equalized version: the variance of every operand entering each fusion."""
+
+    section: str = "se"
+    plots: Tuple[str, ...] = ("se_variance.png",)
+
+    def probe(self, variant, run, settings, store):
+        imgs = run["images"][:settings.variance_images]
+        measured = {w: measure_fusion_variances(m, imgs)
+                    for w, m in dict(start=run["init_model"], end=run["model"]).items()}
+        entry = store.setdefault(variant.name, dict(table=_fusion_table(variant.name, measured["start"],
+                                                                        measured["end"]),
+                                                    equalizers={w: measured[w]["equalizers"] for w in measured}))
+        if "cfg" in run:  # the option equalize_all_branches=False, same initial weights, calibrated
+            entry["upsampled_only_start"] = upsampled_only_variant(run["init_model"], run["cfg"],
+                                                                   run["calib_batches"], imgs)
+
+    def finish(self, result, store, size, rates_used):
+        result.mechanism["variance"] = store
+
+    def describe_mechanism(self, settings):
+        return (f" SE heads: `se_mode='dataset'`, calibrated by `ScaleEqualizerCalibrationHook` on "
+                f"{settings.se_calib_batches} batches before training (counted in train time).")
+
+    def report_section(self, results):
+        return se_section(results)
+
+    def plot(self, name, results, path):
+        plot_se_variance(results, path)
+
+
+@dataclass
+class RatesPair(SegPair):
+    """ASPP with mmseg's rates vs resolution-aware rates at one input size: the ERF lattice of each."""
+
+    section: str = "rates"
+    plots: Tuple[str, ...] = ("erf_rates.png",)
+
+    def title_at(self, size):
+        return f"{self.title} ({size}x{size})"
+
+    def probe(self, variant, run, settings, store):
+        from kim_plugins.layers.erf import erf_coverage, erf_maps, summarize_erf
+
+        store[variant.name] = {}
+        for w, m in dict(start=run["init_model"], end=run["model"]).items():
+            maps = erf_maps(m, run["images"][:settings.erf_images], positions=[(0.5, 0.5)],
+                            batch_size=4)[0]  # decoder features before conv_seg
+            store[variant.name][w] = dict(map=maps.float().cpu(), **summarize_erf(maps),
+                                          coverage=float(erf_coverage(maps)))
+
+    def finish(self, result, store, size, rates_used):
+        result.mechanism["erf"] = store
+        result.mechanism["size"] = size
+        result.mechanism["rates"] = rates_used
+
+    def describe_mechanism(self, settings):
+        return " Resolution-aware rates: `RAASPPHead(dilations='auto', crop_size, output_stride=8)`."
+
+    def report_section(self, results):
+        return erf_section(results)
+
+    def plot(self, name, results, path):
+        plot_erf(results, path)
+
+
+_RATES_VARIANTS = (_seg_variant("rates (1, 12, 24, 36)", "ASPPHead", baseline=True),
+                   _seg_variant("resolution-aware rates", "RAASPPHead", dilations="auto", output_stride=8))
+SE_UPER = register(SEPair(
+    name="se-uper", group="se", title="Scale equalizers in UPerNet (UPerHead vs SEUPerHead)", backbone="multi",
+    variants=(_seg_variant("UPerHead", "UPerHead", baseline=True),
+              _seg_variant("SEUPerHead", "SEUPerHead", calibrate=True, se_mode="dataset"))))
+SE_ASPP = register(SEPair(
+    name="se-aspp", group="se", title="Scale equalizers in DeepLabV3 (ASPPHead vs SEASPPHead)",
+    variants=(_seg_variant("ASPPHead", "ASPPHead", baseline=True),
+              _seg_variant("SEASPPHead", "SEASPPHead", calibrate=True, se_mode="dataset"))))
+RATES_SMALL = register(RatesPair(name="rates-small", group="rates", title="Atrous rates at the smaller input size",
+                                 size=0, variants=_RATES_VARIANTS))
+RATES_LARGE = register(RatesPair(name="rates-large", group="rates", title="Atrous rates at the larger input size",
+                                 size=1, variants=_RATES_VARIANTS))
 
 
 def _fusion_table(head_name: str, start: Dict, end: Dict) -> List[Dict[str, Any]]:
@@ -497,36 +641,38 @@ def upsampled_only_variant(se_model: nn.Module, model_cfg: Dict[str, Any], calib
     return measure_fusion_variances(model, images)
 
 
-def _train_variant(pair: str, name: str, head: str, head_kw: Dict[str, Any], seed: int, size: int, settings, data,
-                   out_dir: str, device: str, cache: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one variant (or reuse an identical run of another pair: same config, data and seed)."""
+def _train_variant(pair: SegPair, variant: Variant, seed: int, size: int, settings, data, out_dir: str,
+                   device: str, cache: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one variant (or reuse an identical run of another pair: same config, data, seed and iterations)."""
     from kim_plugins.layers.atrous import measure_output_stride
     from kim_plugins.suite.records import count_params, forward_gflops
 
-    model_cfg = _variant_cfg(pair, head, head_kw, size, settings)
+    model_cfg = pair.model_cfg(variant, settings)
+    calibrate = variant.spec["calibrate"]
     hooks = [dict(type="ScaleEqualizerCalibrationHook", num_batches=settings.se_calib_batches, seed=seed)] \
-        if head.startswith("SE") else []
-    key = json.dumps([model_cfg, hooks, size, seed], sort_keys=True, default=str)
+        if calibrate else []
+    key = json.dumps([model_cfg, hooks, size, seed, settings.seg_iters], sort_keys=True, default=str)
     if key in cache:
         return dict(cache[key], shared_from=cache[key]["pair"])
-    work = os.path.join(out_dir, "runs", pair, f"{name.replace(' ', '_').replace(',', '')}_seed{seed}")
+    name = variant.name
+    work = os.path.join(out_dir, "runs", pair.name, f"{name.replace(' ', '_').replace(',', '')}_seed{seed}")
     cfg = seg_runner_cfg(model_cfg, data.scenes_root, size, data.scene_size, work, iters=settings.seg_iters,
                          batch_size=settings.seg_batch, lr=settings.seg_lr, seed=seed, custom_hooks=hooks,
-                         experiment_name=f"{pair}_{seed}_{uuid.uuid4().hex[:6]}", num_train=data.num_train_scenes,
-                         num_val=data.num_val_scenes)
+                         experiment_name=f"{pair.name}_{seed}_{uuid.uuid4().hex[:6]}",
+                         num_train=data.num_train_scenes, num_val=data.num_val_scenes)
     with _on_device(device):
-        runner, hook = train_seg(cfg, f"[{pair}] {name} seed {seed}", snapshot=seed == 0)
+        runner, hook = train_seg(cfg, f"[{pair.name}] {name} seed {seed}", snapshot=seed == 0)
     model = runner.model.eval()
     dev = next(model.parameters()).device
-    out = dict(pair=pair, metrics=dict(hook.metrics), train_time=hook.train_time, order=hook.order.hexdigest(),
-               init_params=hook.init_params, params=count_params(model),
+    out = dict(pair=pair.name, metrics=dict(hook.metrics), train_time=hook.train_time, order=hook.order.hexdigest(),
+               init_params=hook.init_params, params=count_params(model), iters=settings.seg_iters,
                gflops=forward_gflops(lambda x: model(x, mode="tensor"), torch.zeros(1, 3, size, size, device=dev)),
                dilations=tuple(int(d) for d in getattr(model.decode_head, "dilations", ())) or None,
                output_stride=measure_output_stride(lambda x: model.extract_feat(x)[-1], size, device=dev))
     if seed == 0:
         n = max(settings.erf_images, settings.variance_images)
         out.update(model=model, init_model=hook.init_model, images=val_images(runner, n))
-        if head.startswith("SE"):
+        if calibrate:
             from mmengine.dataset import pseudo_collate
 
             ds, bs = runner.train_dataloader.dataset, settings.seg_batch
@@ -537,91 +683,167 @@ def _train_variant(pair: str, name: str, head: str, head_kw: Dict[str, Any], see
     return out
 
 
-def run_seg_pair(pair: str, settings, data, out_dir: str, device: str,
-                 cache: Optional[Dict[str, Any]] = None) -> "PairResult":
-    """Train every variant of a segmentation pair for every seed; measure its mechanism.
 
-    Args:
-        pair: A key of :data:`SEG_PAIRS`.
-        settings: :class:`~kim_plugins.suite.settings.SuiteSettings` (already budget-scaled).
-        data: :class:`~kim_plugins.suite.data.SuiteData`.
-        out_dir: The run's output folder (runs go to ``<out_dir>/runs/<pair>/...``).
-        device: ``'cpu'`` or ``'cuda'``.
-        cache: Runs of earlier pairs; a variant identical to one of them (same model config, hooks, input
-            size and seed, e.g. the ASPP baseline at the scene size) is reused, not trained again.
-    """
-    from kim_plugins.layers.erf import erf_coverage, erf_maps, summarize_erf
-    from kim_plugins.suite.records import PairResult, RunRecord
+# ---------------------------------------------------------------------------------------------------------
+# report section and plots
+# ---------------------------------------------------------------------------------------------------------
 
-    cache = {} if cache is None else cache
-    spec = SEG_PAIRS[pair]
-    size = pair_size(pair, settings)
-    is_se = pair.startswith("se-")
-    is_rates = pair.startswith("rates-")
-    result = PairResult(pair=pair, title=spec["title"] + (f" ({size}x{size})" if is_rates else ""),
-                        description="", metric="mIoU")
-    variances: Dict[str, Dict[str, Any]] = {}
-    erfs: Dict[str, Dict[str, Any]] = {}
-    rates_used: Dict[str, Tuple[int, ...]] = {}
-    shared: Dict[str, str] = {}
-    for seed in range(settings.seeds):
-        for name, head, head_kw, baseline in spec["variants"]:
-            run = _train_variant(pair, name, head, head_kw, seed, size, settings, data, out_dir, device, cache)
-            extra: Dict[str, Any] = dict(aAcc=float(run["metrics"].get("aAcc", float("nan"))),
-                                         mAcc=float(run["metrics"].get("mAcc", float("nan"))),
-                                         output_stride=run["output_stride"])
-            if run["dilations"]:
-                rates_used[name] = run["dilations"]
-                extra["dilations"] = str(run["dilations"])
-            if "shared_from" in run:
-                shared[name] = run["shared_from"]
-                extra["shared_with"] = run["shared_from"]
-            result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric="mIoU",
-                                         value=float(run["metrics"].get("mIoU", float("nan"))),
-                                         train_time_s=run["train_time"], iters=settings.seg_iters,
-                                         params=run["params"], gflops=run["gflops"], data_order=run["order"],
-                                         init_params=run["init_params"], extra=extra))
-            if seed != 0:
-                continue
-            probes = dict(start=run["init_model"], end=run["model"])
-            if is_se:
-                imgs = run["images"][:settings.variance_images]
-                measured = {w: measure_fusion_variances(m, imgs) for w, m in probes.items()}
-                variances[name] = dict(table=_fusion_table(name, measured["start"], measured["end"]),
-                                       equalizers={w: measured[w]["equalizers"] for w in measured})
-                if "cfg" in run:  # the option equalize_all_branches=False, same initial weights, calibrated
-                    variances[name]["upsampled_only_start"] = upsampled_only_variant(
-                        run["init_model"], run["cfg"], run["calib_batches"], imgs)
-            if is_rates:
-                erfs[name] = {}
-                for w, m in probes.items():
-                    maps = erf_maps(m, run["images"][:settings.erf_images], positions=[(0.5, 0.5)],
-                                    batch_size=4)[0]  # decoder features before conv_seg
-                    erfs[name][w] = dict(map=maps.float().cpu(), **summarize_erf(maps),
-                                         coverage=float(erf_coverage(maps)))
-    backbone = ("ResNetV1c-18 (16 base channels), 4 stages, strides 4-32" if pair == "se-uper" else
-                "ResNetV1c-18 (16 base channels), DeepLabV3 layout: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), "
-                "output stride 8")
-    variants = "; ".join(f"**{n}**" + (f" rates {rates_used[n]}" if n in rates_used else "")
-                         + (f" (the same run as in `{shared[n]}`: identical config, data and seed)" if n in shared
-                            else "") for n, *_ in spec["variants"])
-    result.description = (
-        f"{variants}. Backbone {backbone}; decode head 32 channels, no auxiliary head. "
-        f"Fashion scenes {data.scene_size}px" + (f" resized to {size}x{size}" if size != data.scene_size else "")
-        + f"; {settings.seg_iters} iterations x batch {settings.seg_batch} (random flip), SGD momentum 0.9, "
-        f"lr {settings.seg_lr:g}, weight decay 5e-4, linear warm-up then poly decay (mmseg's recipe, higher lr for a "
-        f"short run); mIoU on {data.num_val_scenes} val scenes (whole image)."
-        + (f" SE heads: `se_mode='dataset'`, calibrated by `ScaleEqualizerCalibrationHook` on "
-           f"{settings.se_calib_batches} batches before training (counted in train time)." if is_se else "")
-        + (" Resolution-aware rates: `RAASPPHead(dilations='auto', crop_size, output_stride=8)`."
-           if is_rates else ""))
-    if is_se:
-        result.mechanism["variance"] = variances
-    if is_rates:
-        result.mechanism["erf"] = erfs
-        result.mechanism["size"] = size
-        result.mechanism["rates"] = rates_used
-    return result
+def _spread(operands: List[Dict[str, Any]], key: str = "var") -> float:
+    vs = [o[key] for o in operands]
+    return max(vs) / max(min(vs), 1e-30)
+
+
+def se_section(prs: List[PairResult]) -> List[str]:
+    lines = ["### Scale equalizers: the variance of each branch entering a fusion",
+             "",
+             "Bilinear upsampling lowers a map's variance (i.i.d. input: x2 -> 0.39, x4 -> 0.43, limit 4/9), so "
+             "the branches a decoder concatenates or adds sit on different scales. Measured on the first "
+             "validation scenes with the model as in training (BatchNorm on batch statistics, no update), for "
+             "every operand of every fusion that takes an upsampled map: the population variance over N·C·H·W. "
+             "*start* = initial weights (SE heads: right after the calibration hook), *end* = after training. "
+             "*without SE* = the same operand without its equalizer (the equalizer is the scalar affine map "
+             "x·s + t, so that is Var / s²).",
+             ""]
+    for pr in prs:
+        var = pr.mechanism.get("variance", {})
+        names = list(var)
+        if len(names) != 2:
+            continue
+        base, se = names
+        bt, st = var[base]["table"], var[se]["table"]
+        lines += [f"**{pr.title}** (seed 0)", ""]
+        rows = []
+        for b, t in zip(bt, st):
+            def with_without(row, when):
+                w = row[f"var_{when}_without_se"]
+                return f"{row[f'var_{when}']:.3g}" + ("" if w is None else f" (without SE {w:.3g})")
+            rows.append(dict(fusion=b["fusion"], op=t["operand"], vb0=f"{b['var_start']:.3g}",
+                             vb1=f"{b['var_end']:.3g}", vs0=with_without(t, "start"), vs1=with_without(t, "end")))
+        lines.append(markdown_table(rows, ["fusion", "op", "vb0", "vb1", "vs0", "vs1"],
+                            ["fusion", "operand (in the SE head)", f"{base}: Var start", "end", f"{se}: Var start",
+                             "end"]))
+        lines.append("")
+        fusions = list(dict.fromkeys(r["fusion"] for r in bt))
+        alt = var[se].get("upsampled_only_start")
+        spread_rows = []
+        for k, fusion in enumerate(fusions):
+            def sp(table, key):
+                return _spread([r for r in table if r["fusion"] == fusion], key)
+            row = dict(fusion=fusion, b0=f"{sp(bt, 'var_start'):.2f}", b1=f"{sp(bt, 'var_end'):.2f}",
+                       s0=f"{sp(st, 'var_start'):.2f}", s1=f"{sp(st, 'var_end'):.2f}")
+            if alt is not None and k < len(alt["fusions"]):
+                row["a0"] = f"{_spread(alt['fusions'][k]['operands']):.2f}"
+            spread_rows.append(row)
+        cols = ["fusion", "b0", "b1", "s0", "s1"] + (["a0"] if alt is not None else [])
+        heads = ["fusion", f"{base} start", "end", f"{se} start", "end"] + (
+            [f"{se}, upsampled operands only (`equalize_all_branches=False`), start"] if alt is not None else [])
+        lines += ["Spread of the operand variances in each fusion (max / min; 1 = scale equilibrium):", "",
+                  markdown_table(spread_rows, cols, heads), "",
+                  f"By default (`equalize_all_branches=True` [decision], for the paper's promised scale equilibrium) "
+                  f"every operand of each fusion that an upsampling feeds is standardised with dataset-wide "
+                  f"statistics (variance 1 on the calibration data). The last column rebuilds the same initial "
+                  f"weights with the alternative, literal placement — equalizers after the upsamplings only "
+                  f"(`equalize_all_branches=False`), calibrated on training scenes: the branches that are not "
+                  f"upsampled then keep the scale the network gives them, and the spread is that scale against 1.",
+                  ""]
+    lines.append("![per-branch variance](se_variance.png)")
+    return lines
+
+
+def erf_section(prs: List[PairResult]) -> List[str]:
+    lines = ["### Atrous rates: the ERF lattice of each rate setting",
+             "",
+             "Effective receptive field of the centre output pixel (gradient of the decoder features before "
+             "`conv_seg`, channel mean, w.r.t. the input, RGB-averaged, clipped at 0, summed over validation "
+             "scenes, normalised; `kim_plugins.layers.erf`), at initialisation and after training. ASPP's ERF is a "
+             "lattice: the centre plus satellites at ±rate·OS input pixels. A branch whose rate exceeds "
+             "floor((F - 1) / 2) on the F-pixel feature map is degenerate: no output position sees its whole 3x3 "
+             "kernel inside the map. Coverage = fraction of the image where the ERF exceeds 1 % of its maximum.",
+             ""]
+    rows = []
+    for pr in prs:
+        size = pr.mechanism.get("size")
+        for name, probes in pr.mechanism.get("erf", {}).items():
+            rates = pr.mechanism["rates"].get(name, ())
+            os_ = next((r.extra.get("output_stride") for r in pr.runs if r.variant == name and r.seed == 0), None)
+            inside = [r for r in rates if r > 1 and r <= (-(-size // (os_ or 8)) - 1) // 2]  # non-degenerate
+            for when in ("start", "end"):
+                p = probes[when]
+                rows.append(dict(size=f"{size}x{size}", variant=name, rates=str(rates), os=str(os_),
+                                 sat=", ".join(f"±{r * (os_ or 8)}" for r in rates if r > 1),
+                                 inside=f"{len(inside)}/{len([r for r in rates if r > 1])}",
+                                 when="init" if when == "start" else "trained",
+                                 sigma=f"{p['sigma_y']:.1f} x {p['sigma_x']:.1f}",
+                                 side=f"{p['side_50']} / {p['side_90']}", cov=f"{100 * p['coverage']:.1f} %"))
+    lines.append(markdown_table(rows, ["size", "variant", "rates", "os", "sat", "inside", "when", "sigma", "side",
+                                       "cov"],
+                                ["input", "variant", "rates", "output stride (measured)", "satellites (px)",
+                                 "non-degenerate dilated branches", "weights", "Gaussian σ_y x σ_x (px)",
+                                 "50 % / 90 % mass square (px)", "coverage"]))
+    lines += ["", "![ERF lattice per rate setting](erf_rates.png)"]
+    return lines
+
+
+def plot_se_variance(prs: List[PairResult], path: str) -> None:
+    plt = pyplot()
+    prs = [p for p in prs if len(p.mechanism.get("variance", {})) == 2]
+    fig, axes = plt.subplots(len(prs), 2, figsize=(13, 3.8 * len(prs)), squeeze=False)
+    for row, pr in zip(axes, prs):
+        (base, bvar), (se, svar) = list(pr.mechanism["variance"].items())
+        bt, st = bvar["table"], svar["table"]
+        alt = svar.get("upsampled_only_start")
+        alt_vars = [o["var"] for f in alt["fusions"] for o in f["operands"]] if alt else None
+        labels = [f"{t['fusion'].split(':')[0]}: {t['site'] or t['operand']}" for t in st]
+        for ax, when in zip(row, ("start", "end")):
+            series = [(base, [b[f"var_{when}"] for b in bt], "#888888"),
+                      (se, [t[f"var_{when}"] for t in st], "#3b75af")]
+            if when == "start" and alt_vars is not None and len(alt_vars) == len(st):
+                series.append((f"{se} upsampled operands only", alt_vars, "#55a868"))
+            w = 0.8 / len(series)
+            for j, (name, vals, color) in enumerate(series):
+                ax.bar([x + (j - (len(series) - 1) / 2) * w for x in range(len(st))], vals, w, label=name,
+                       color=color)
+            ax.set_yscale("log")
+            every = [v for _, vals, _ in series for v in vals]
+            ax.set_ylim(min(every) / 1.5, max(every) * 1.5)
+            ax.set_xticks(list(range(len(st))))
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+            ax.set_ylabel("variance entering the fusion")
+            ax.set_title(f"{pr.title} — {'initial weights (SE: calibrated)' if when == 'start' else 'trained'}",
+                         fontsize=8)
+            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_erf(prs: List[PairResult], path: str) -> None:
+    import numpy as np
+
+    plt = pyplot()
+    cells = []
+    for pr in prs:
+        for name, probes in pr.mechanism.get("erf", {}).items():
+            for when in ("start", "end"):
+                cells.append((pr.mechanism["size"], name, pr.mechanism["rates"].get(name, ()), when,
+                               probes[when]["map"]))
+    cols = 4
+    rows = max(1, math.ceil(len(cells) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (size, name, rates, when, m) in zip(axes.flat, cells):
+        arr = np.asarray(m, dtype=np.float64)
+        arr = np.log10(arr / arr.max() + 1e-6)
+        im = ax.imshow(arr, cmap="magma", vmin=-6, vmax=0)
+        label = name if str(tuple(rates)) in name else f"{name} {tuple(rates)}"
+        ax.set_title(f"{size}px, {'at init' if when == 'start' else 'trained'}\n{label}", fontsize=7)
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="log10(ERF / max)")
+    fig.suptitle("ERF of the centre output pixel per rate setting (log scale)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 class _on_device:

@@ -11,23 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
-__all__ = ["PAIR_GROUPS", "SuiteSettings", "preset"]
-
-#: ``--only`` names -> the pairs they run, in run order.
-PAIR_GROUPS: Dict[str, Tuple[str, ...]] = {
-    "se": ("se-uper", "se-aspp"),
-    "rates": ("rates-small", "rates-large"),
-    "vit": ("vit",),
-    "swin": ("swin",),
-    "sap": ("sap",),
-    "dropout": ("dropout",),
-    "gamma": ("gamma",),
-    "infonce": ("infonce",),
-    "depth": ("depth",),
-    "deadpixel": ("deadpixel",),
-    "vitaug": ("vitaug",),
-}
-
+__all__ = ["SuiteSettings", "preset"]
 
 @dataclass
 class SuiteSettings:
@@ -61,7 +45,7 @@ class SuiteSettings:
         resnet: Overrides of the ResNet-18-D of the SAP pair.
         diag_iters: Training iterations of the diagnostics pairs (dead pixel test, ViT augmentation).
         diag_test_images: Test images of the diagnostics pairs.
-        min_iters: Floor of the iteration counts when a budget cap scales them.
+        min_iters: Floor of the iteration counts when a budget cap scales or a re-plan shrinks them.
     """
 
     name: str = "quick"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -35,38 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kim_plugins import robustness
-from kim_plugins.suite.cls import evaluate_top1, make_classifier, timing_closures, to_input, train_classifier
-from kim_plugins.suite.depth_pair import DEPTH_VARIANTS, depth_synthetic_step, run_depth_pair
+from kim_plugins.markdown import markdown_table
+from kim_plugins.suite.cls import _CLS_OVERHEAD_S, evaluate_top1, make_classifier, to_input, train_classifier
+from kim_plugins.suite.pairs import Cost, Pair, Variant, register
 
-__all__ = ["STABILITY_PAIRS", "run_stability_pair", "synthetic_step", "report_lines"]
+__all__ = ["STABILITY_PAIRS", "StabilityPair", "DropoutPair", "GammaPair", "InfoNCEPair", "report_lines"]
 
 _GAMMA_OFF = dict(branch_last=0.0, branch_inner=0.0, shortcut=0.0, outside=0.0)
 _GAMMA_ALL = dict(branch_last=1.0, branch_inner=1.0, shortcut=1.0, outside=1.0)
-
-#: pair id -> title, variants [(display name, spec, is baseline)], metric
-STABILITY_PAIRS: Dict[str, Dict[str, Any]] = {
-    "dropout": dict(
-        title="Pre-activation ResNet: no dropout vs timm drop_rate (after pooling) vs the guideline placement",
-        metric="top-1",
-        variants=[("no dropout", dict(timm="resnetv2_50"), True),
-                  ("timm drop_rate 0.2 (after pooling)", dict(timm="resnetv2_50", drop_rate=0.2), False),
-                  ("guideline: branch 0.1 + head 0.2 before pooling", dict(timm="resnetv2_50_dropout"), False)]),
-    "gamma": dict(
-        title="ResNet-18-D, SGD: weight decay on no BN gamma / every gamma / the guideline's categories",
-        metric="top-1",
-        variants=[("no gamma decay", dict(mult=_GAMMA_OFF), True),
-                  ("decay on every gamma", dict(mult=_GAMMA_ALL), False),
-                  ("guideline categories (decision)", dict(mult=None), False)]),
-    "infonce": dict(
-        title="SimCLR-style ResNet-18-D: InfoNCE tau 0.5 / tau 0.07 vs temperature-free",
-        metric="kNN top-1",
-        variants=[("InfoNCE tau 0.5", dict(temperature=0.5), True),
-                  ("InfoNCE tau 0.07", dict(temperature=0.07), False),
-                  ("temperature-free", dict(temperature=None), False)]),
-    "depth": dict(
-        title="Monocular depth on sparse Fashion scenes: mmseg SiLogLoss vs NaN-safe (kim_plugins.suite.depth_pair)",
-        metric="d1", variants=DEPTH_VARIANTS),
-}
 
 _SGD_LR, _SGD_WD = 0.05, 5e-4
 
@@ -83,13 +60,6 @@ def _sgd_with_gamma_groups(mult: Optional[Dict[str, float]]) -> Callable[[nn.Mod
     def make(model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(bn_gamma_param_groups(model, _SGD_WD, mult), lr=_SGD_LR, momentum=0.9)
     return make
-
-
-def _classifier(pair: str, spec: Dict[str, Any], settings, seed: int) -> nn.Module:
-    if pair == "dropout":
-        extra = {k: v for k, v in spec.items() if k != "timm"}
-        return make_classifier(spec["timm"], dict(_preact_overrides(settings), **extra), seed)
-    return make_classifier("resnet18d", settings.resnet, seed)
 
 
 # --------------------------------------------------------------------------------------------------- mechanisms
@@ -214,127 +184,227 @@ def knn_top1(encoder: nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_
 
 # --------------------------------------------------------------------------------------------------- pairs
 
-def synthetic_step(pair: str, settings) -> Tuple[Callable, Callable, int]:
-    """A training step and an eval forward of one batch of the pair's baseline on random data (budget estimate)."""
-    if pair == "depth":
-        return depth_synthetic_step(settings)
-    spec = STABILITY_PAIRS[pair]["variants"][0][1]
-    model = _classifier(pair, spec, settings, 0)
-    x = torch.randn(settings.cls_batch * (2 if pair == "infonce" else 1), 3, 32, 32)  # two views per image
-    y = torch.randint(0, 10, (len(x),))
-    return (*timing_closures(model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x[:settings.cls_batch])),
-            settings.cls_batch)
-
-
-def estimate_pair_cost(pair: str, settings, cost: Dict[str, float], overhead_s: float) -> float:
-    """Seconds of one stability pair given its measured step and per-image costs."""
-    variants = len(STABILITY_PAIRS[pair]["variants"])
-    eval_images = settings.stab_test_images + (settings.knn_train_images if pair == "infonce" else 0)
-    if pair == "depth":
-        eval_images = settings.depth_val_scenes
-    per_run = overhead_s + 1.1 * settings.stab_iters * cost["step_s"] + eval_images * cost["image_s"]
-    probes = variants * 32 * 256 * cost["image_s"] if pair == "dropout" else 0.0
-    return settings.seeds * variants * per_run + probes
-
-
-def run_stability_pair(pair: str, settings, data, out_dir: str, device: str):
-    """Train every variant of a stability pair for every seed; measure its mechanism."""
-    from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops, param_fingerprint
-
-    if pair == "depth":
-        return run_depth_pair(settings, data, device)
-    spec = STABILITY_PAIRS[pair]
-    test_x = data.test_images[:settings.stab_test_images]
-    test_y = data.test_labels[:settings.stab_test_images]
-    result = PairResult(pair=pair, title=spec["title"], description="", metric=spec["metric"])
-    probe = to_input(data.test_images[:256])
-    rows: List[Dict[str, Any]] = []
-    for seed in range(settings.seeds):
-        for name, vspec, baseline in spec["variants"]:
-            extra: Dict[str, Any] = {}
-            if pair == "infonce":
-                model: nn.Module = _Projected(_encoder(settings, seed))
-                init = param_fingerprint(model)
-                train_time, order, losses = train_contrastive(
-                    model, data.train_images, temperature=vspec["temperature"], iters=settings.stab_iters,
-                    batch_size=settings.cls_batch, lr=settings.cls_lr, seed=seed, device=device)
-                n = settings.knn_train_images
-                value = knn_top1(model.encoder, data.train_images[:n], data.train_labels[:n], test_x, test_y, device)
-                extra.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
-                net = model.encoder
-            else:
-                model = _classifier(pair, vspec, settings, seed)
-                init = param_fingerprint(model)
-                make_opt = _sgd_with_gamma_groups(vspec["mult"]) if pair == "gamma" else None
-                train_time, order = train_classifier(
-                    model, data.train_images, data.train_labels, iters=settings.stab_iters,
-                    batch_size=settings.cls_batch, lr=_SGD_LR if pair == "gamma" else settings.cls_lr, seed=seed,
-                    device=device, desc=f"[{pair}] {name} seed {seed}", make_optimizer=make_opt)
-                value = evaluate_top1(model, test_x, test_y, device)
-                net = model
-                if seed == 0 and pair == "dropout":
-                    row = dict(variant=name, logit_var_over_masks=logit_variance_over_masks(model, probe.to(device)))
-                    if vspec["timm"] == "resnetv2_50_dropout":
-                        row["head_only_closed_form_before_pool"] = head_variance_closed_form(
-                            model, probe.to(device), 0.2, "before_pool")
-                        row["head_only_closed_form_after_pool"] = head_variance_closed_form(
-                            model, probe.to(device), 0.2, "after_pool")
-                    rows.append(row)
-                if seed == 0 and pair == "gamma":
-                    rows.append(dict(variant=name, **{f"mean_abs_gamma_{k}": v for k, v in gamma_means(model).items()}))
-            net.eval()
-            gflops = forward_gflops(net, torch.zeros(1, 3, 32, 32, device=device))
-            result.runs.append(RunRecord(pair=pair, variant=name, baseline=baseline, seed=seed, metric=spec["metric"],
-                                         value=value, train_time_s=train_time, iters=settings.stab_iters,
-                                         params=count_params(net), gflops=gflops, data_order=order,
-                                         init_params=init, extra=extra))
-            del model
-    result.mechanism["table"] = rows
-    result.description = _description(pair, settings, len(test_y))
-    return result
-
-
 def _encoder(settings, seed: int) -> nn.Module:
     encoder = make_classifier("resnet18d", settings.resnet, seed)
     encoder.reset_classifier(0)  # features; the classifier's init drew after every encoder weight
     return encoder
 
 
-def _description(pair: str, settings, n_test: int) -> str:
-    common = (f"Fashion-MNIST 28x28 zero-padded to 32x32, grey to RGB; {settings.stab_iters} iterations x batch "
-              f"{settings.cls_batch}; evaluated on the first {n_test} test images. ")
-    if pair == "dropout":
+def _common(settings, n_test: int) -> str:
+    return (f"Fashion-MNIST 28x28 zero-padded to 32x32, grey to RGB; {settings.stab_iters} iterations x batch "
+            f"{settings.cls_batch}; evaluated on the first {n_test} test images. ")
+
+
+@dataclass
+class StabilityPair(Pair):
+    """A training-stability pair on Fashion-MNIST: same initialisation and batches for every variant."""
+
+    metric: str = "top-1"
+    iters_field: str = "stab_iters"
+    timing_views: int = 1  # images per training sample in the timed step (two views for contrastive pairs)
+
+    def make_model(self, spec: Dict[str, Any], settings, seed: int) -> nn.Module:
+        return make_classifier("resnet18d", settings.resnet, seed)
+
+    def timing_setup(self, settings):
+        model = self.make_model(self.baseline.spec, settings, 0)
+        x = torch.randn(settings.cls_batch * self.timing_views, 3, 32, 32)
+        y = torch.randint(0, 10, (len(x),))
+        return model, lambda m: F.cross_entropy(m(x), y), lambda m: m(x[:settings.cls_batch]), settings.cls_batch
+
+    def eval_images(self, settings) -> int:
+        return settings.stab_test_images
+
+    def probe_cost(self, settings, cost: Dict[str, float]) -> float:
+        return 0.0
+
+    def estimate_cost(self, settings, cost, seen):
+        runs = settings.seeds * len(self.variants)
+        fixed = runs * (_CLS_OVERHEAD_S + self.eval_images(settings) * cost["image_s"]) + self.probe_cost(settings,
+                                                                                                           cost)
+        return Cost(fixed, runs * 1.1 * settings.stab_iters * cost["step_s"])
+
+    def train_and_evaluate(self, variant: Variant, settings, data, seed: int, test_x, test_y, device: str):
+        """Train one variant; returns ``(net, init digests, train time, data-order digest, value, extra)``."""
+        raise NotImplementedError
+
+    def mechanism_row(self, net: nn.Module, variant: Variant, probe: torch.Tensor, device: str
+                      ) -> Optional[Dict[str, Any]]:
+        """The mechanism on the trained seed-0 model (a row of the pair's table), or None."""
+        return None
+
+    def description(self, settings, n_test: int) -> str:
+        raise NotImplementedError
+
+    def run(self, settings, data, out_dir, device, cache):
+        from kim_plugins.suite.records import PairResult, RunRecord, count_params, forward_gflops
+
+        test_x = data.test_images[:settings.stab_test_images]
+        test_y = data.test_labels[:settings.stab_test_images]
+        result = PairResult(pair=self.name, title=self.title, description="", metric=self.metric)
+        probe = to_input(data.test_images[:256])
+        rows: List[Dict[str, Any]] = []
+        for seed in range(settings.seeds):
+            for v in self.variants:
+                net, init, train_time, order, value, extra = self.train_and_evaluate(v, settings, data, seed, test_x,
+                                                                                      test_y, device)
+                row = self.mechanism_row(net, v, probe, device) if seed == 0 else None
+                if row is not None:
+                    rows.append(row)
+                net.eval()
+                gflops = forward_gflops(net, torch.zeros(1, 3, 32, 32, device=device))
+                result.runs.append(RunRecord(pair=self.name, variant=v.name, baseline=v.baseline, seed=seed,
+                                             metric=self.metric, value=value, train_time_s=train_time,
+                                             iters=settings.stab_iters, params=count_params(net), gflops=gflops,
+                                             data_order=order, init_params=init, extra=extra))
+                del net
+        result.mechanism["table"] = rows
+        result.description = self.description(settings, len(test_y))
+        return result
+
+    def section_lines(self, result):
+        return report_lines(result)
+
+
+@dataclass
+class _SupervisedPair(StabilityPair):
+    """Supervised training of a timm classifier (:func:`~kim_plugins.suite.cls.train_classifier`)."""
+
+    def optimizer(self, spec: Dict[str, Any]) -> Optional[Callable[[nn.Module], torch.optim.Optimizer]]:
+        return None  # AdamW at settings.cls_lr
+
+    def lr(self, settings) -> float:
+        return settings.cls_lr
+
+    def train_and_evaluate(self, variant, settings, data, seed, test_x, test_y, device):
+        from kim_plugins.suite.records import param_fingerprint
+
+        model = self.make_model(variant.spec, settings, seed)
+        init = param_fingerprint(model)
+        train_time, order = train_classifier(
+            model, data.train_images, data.train_labels, iters=settings.stab_iters, batch_size=settings.cls_batch,
+            lr=self.lr(settings), seed=seed, device=device, desc=f"[{self.name}] {variant.name} seed {seed}",
+            make_optimizer=self.optimizer(variant.spec))
+        return model, init, train_time, order, evaluate_top1(model, test_x, test_y, device), {}
+
+
+@dataclass
+class DropoutPair(_SupervisedPair):
+    """Dropout placement: the logit variance over dropout masks of each trained model."""
+
+    def make_model(self, spec, settings, seed):
+        extra = {k: v for k, v in spec.items() if k not in ("timm", "head_closed_form_p")}
+        return make_classifier(spec["timm"], dict(_preact_overrides(settings), **extra), seed)
+
+    def probe_cost(self, settings, cost):
+        return len(self.variants) * 32 * 256 * cost["image_s"]
+
+    def mechanism_row(self, net, variant, probe, device):
+        row = dict(variant=variant.name, logit_var_over_masks=logit_variance_over_masks(net, probe.to(device)))
+        p = variant.spec.get("head_closed_form_p")  # the guideline model: its head dropout in closed form
+        if p is not None:
+            for placement in ("before_pool", "after_pool"):
+                row[f"head_only_closed_form_{placement}"] = head_variance_closed_form(net, probe.to(device), p,
+                                                                                      placement)
+        return row
+
+    def description(self, settings, n_test):
         return (f"timm `resnetv2_50` layout with {_preact_overrides(settings)} (pre-activation bottlenecks, pooled "
-                f"map 4x4), trained with AdamW lr {settings.cls_lr:g} (as the `cls` pairs), random flips. " + common +
+                f"map 4x4), trained with AdamW lr {settings.cls_lr:g} (as the `cls` pairs), random flips. "
+                + _common(settings, n_test) +
                 "Mechanism: logit variance over 32 dropout masks on 256 test images (BN in eval mode, only the "
                 "dropouts random), and for the guideline model the closed-form head variance of p = 0.2 before vs "
                 "after pooling on its own trained features.")
-    if pair == "gamma":
+
+
+@dataclass
+class GammaPair(_SupervisedPair):
+    """Weight decay on BN gammas by category: mean |gamma| per category after training."""
+
+    def optimizer(self, spec):
+        return _sgd_with_gamma_groups(spec["mult"])
+
+    def lr(self, settings):
+        return _SGD_LR
+
+    def mechanism_row(self, net, variant, probe, device):
+        return dict(variant=variant.name, **{f"mean_abs_gamma_{k}": v for k, v in gamma_means(net).items()})
+
+    def description(self, settings, n_test):
         return (f"timm `resnet18d` with {settings.resnet}, SGD lr {_SGD_LR} momentum 0.9, weight decay {_SGD_WD} "
                 "on conv/linear weights, none on biases and betas (timm's rule), and on the BN gammas: none / all "
                 "/ the categories of `classify_bn_gammas` with the project's default multipliers (branch_last 1, "
                 "branch_inner 1, shortcut 0, outside 0 — a decision: the paper's rules were not available). "
-                + common + "Mechanism: mean |gamma| per category after training (seed 0).")
-    return (f"timm `resnet18d` encoder with {settings.resnet} (global-pooled features) + a 2-layer MLP projector to "
-            f"64 dims, two views per image (random crop from 4-pixel padding, flip, brightness/contrast), "
-            f"AdamW lr {settings.cls_lr:g}; NT-Xent over 2 x batch embeddings. " + common +
-            f"kNN top-1: cosine 20-nearest-neighbour vote of the encoder features against the first "
-            f"{settings.knn_train_images} training images. A tuned tau may beat the temperature-free loss; its claim "
-            "is that no tau has to be tuned.")
+                + _common(settings, n_test) + "Mechanism: mean |gamma| per category after training (seed 0).")
+
+
+@dataclass
+class InfoNCEPair(StabilityPair):
+    """SimCLR-style pre-training with InfoNCE vs the temperature-free loss; kNN top-1 of the encoder."""
+
+    metric: str = "kNN top-1"
+    timing_views: int = 2
+
+    def eval_images(self, settings):
+        return settings.stab_test_images + settings.knn_train_images
+
+    def train_and_evaluate(self, variant, settings, data, seed, test_x, test_y, device):
+        from kim_plugins.suite.records import param_fingerprint
+
+        model = _Projected(_encoder(settings, seed))
+        init = param_fingerprint(model)
+        train_time, order, losses = train_contrastive(
+            model, data.train_images, temperature=variant.spec["temperature"], iters=settings.stab_iters,
+            batch_size=settings.cls_batch, lr=settings.cls_lr, seed=seed, device=device)
+        n = settings.knn_train_images
+        value = knn_top1(model.encoder, data.train_images[:n], data.train_labels[:n], test_x, test_y, device)
+        return (model.encoder, init, train_time, order, value,
+                dict(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4)))
+
+    def description(self, settings, n_test):
+        return (f"timm `resnet18d` encoder with {settings.resnet} (global-pooled features) + a 2-layer MLP projector "
+                f"to 64 dims, two views per image (random crop from 4-pixel padding, flip, brightness/contrast), "
+                f"AdamW lr {settings.cls_lr:g}; NT-Xent over 2 x batch embeddings. " + _common(settings, n_test) +
+                f"kNN top-1: cosine 20-nearest-neighbour vote of the encoder features against the first "
+                f"{settings.knn_train_images} training images. A tuned tau may beat the temperature-free loss; its "
+                "claim is that no tau has to be tuned.")
+
+    def section_lines(self, result):
+        lines = report_lines(result)
+        return lines + ([""] if lines[-1] else []) + [markdown_table(
+            [dict(v=r.variant, s=r.seed, a=r.extra.get("loss_first"), b=r.extra.get("loss_last")) for r in result.runs],
+            ["v", "s", "a", "b"], ["variant", "seed", "loss first", "loss last"], floatfmt=str)]
 
 
 def report_lines(pr) -> List[str]:
-    """The mechanism section of one stability pair for report.md."""
+    """The mechanism section of one stability pair for report.md: its table of seed-0 measurements."""
     lines = [f"### {pr.pair}: {pr.title}", ""]
     rows = pr.mechanism.get("table") or []
     if rows:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "—"))
-                                           for k in keys) + " |")
-    if pr.pair == "infonce":
-        lines += ["| variant | seed | loss first | loss last |", "|---|---|---|---|"]
-        lines += [f"| {r.variant} | {r.seed} | {r.extra.get('loss_first')} | {r.extra.get('loss_last')} |"
-                  for r in pr.runs]
+        lines.append(markdown_table(rows, floatfmt="{:.4g}", missing="—"))
     return lines
+
+
+DROPOUT = register(DropoutPair(
+    name="dropout", group="dropout",
+    title="Pre-activation ResNet: no dropout vs timm drop_rate (after pooling) vs the guideline placement",
+    variants=(Variant("no dropout", True, dict(timm="resnetv2_50")),
+              Variant("timm drop_rate 0.2 (after pooling)", False, dict(timm="resnetv2_50", drop_rate=0.2)),
+              Variant("guideline: branch 0.1 + head 0.2 before pooling", False,
+                      dict(timm="resnetv2_50_dropout", head_closed_form_p=0.2)))))
+GAMMA = register(GammaPair(
+    name="gamma", group="gamma",
+    title="ResNet-18-D, SGD: weight decay on no BN gamma / every gamma / the guideline's categories",
+    variants=(Variant("no gamma decay", True, dict(mult=_GAMMA_OFF)),
+              Variant("decay on every gamma", False, dict(mult=_GAMMA_ALL)),
+              Variant("guideline categories (decision)", False, dict(mult=None)))))
+INFONCE = register(InfoNCEPair(
+    name="infonce", group="infonce", title="SimCLR-style ResNet-18-D: InfoNCE tau 0.5 / tau 0.07 vs temperature-free",
+    variants=(Variant("InfoNCE tau 0.5", True, dict(temperature=0.5)),
+              Variant("InfoNCE tau 0.07", False, dict(temperature=0.07)),
+              Variant("temperature-free", False, dict(temperature=None)))))
+
+from kim_plugins.suite.depth_pair import DEPTH  # noqa: E402  (a stability pair of its own module)
+
+#: The stability pairs, by name (``depth`` is :mod:`kim_plugins.suite.depth_pair`).
+STABILITY_PAIRS: Dict[str, Pair] = {p.name: p for p in (DROPOUT, GAMMA, INFONCE, DEPTH)}

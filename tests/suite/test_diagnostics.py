@@ -62,9 +62,9 @@ def test_pairs_run_end_to_end_at_tiny_size(tmp_path):
     settings = dataclasses.replace(preset("quick"), diag_iters=2, diag_test_images=64,
                                    vit=dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2),
                                    resnet=dict(channels=(8, 8, 8, 8)))
-    for pair in diagnostics.DIAG_PAIRS:
-        pr = diagnostics.run_diag_pair(pair, settings, data, str(tmp_path), "cpu")
+    for pair, spec in diagnostics.DIAG_PAIRS.items():
+        pr = spec.run(settings, data, str(tmp_path), "cpu", {})
         assert [r.baseline for r in pr.runs] == [True, False]
         assert pr.runs[0].data_order == pr.runs[1].data_order  # same batches and flips in both variants
-        assert len(pr.mechanism[pair]) == 2 and pr.mechanism["report_lines"][0].startswith("### ")
+        assert len(pr.mechanism[pair]) == 2 and spec.report_section([pr])[0].startswith("### ")
     assert set(pr.mechanism["vitaug"][0]) >= {"PE/patch train", "PE/patch test", "train / test"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kim_plugins.suite.settings import preset
-from kim_plugins.suite.stability import STABILITY_PAIRS, _augment, knn_top1, run_stability_pair
+from kim_plugins.suite.stability import STABILITY_PAIRS, _augment, knn_top1
 
 
 def _data(n_train=96, n_test=40):
@@ -32,8 +32,8 @@ def _tiny():
 @pytest.mark.parametrize("pair", ["dropout", "gamma", "infonce"])
 def test_pair_runs_every_variant_on_the_same_batches_and_measures_its_mechanism(pair, tmp_path):
     torch.manual_seed(0)
-    result = run_stability_pair(pair, _tiny(), _data(), str(tmp_path), "cpu")
-    names = [v[0] for v in STABILITY_PAIRS[pair]["variants"]]
+    result = STABILITY_PAIRS[pair].run(_tiny(), _data(), str(tmp_path), "cpu", {})
+    names = [v.name for v in STABILITY_PAIRS[pair].variants]
     assert [r.variant for r in result.runs] == names
     assert all(0.0 <= r.value <= 100.0 and r.iters == 2 for r in result.runs)
     assert len({r.data_order for r in result.runs}) == 1               # same batches for every variant
@@ -111,7 +111,7 @@ def test_depth_scenes_are_sparse_and_mmseg_silog_gives_nan_gradients_at_a_perfec
     gt[0, 0, :2, :2] = 3.0                  # an ordinary sample
     gt[1, 0, :3, :3] = 5.0                  # = sigmoid(0) * 10: the prediction is exact, D = 0
     #   gt[2] has no valid pixel: mmseg's in-place masking gives it loss 0 and gradient 0 (no nan)
-    for name, spec, baseline in DEPTH_VARIANTS:
+    for name, spec, baseline in ((v.name, v.spec, v.baseline) for v in DEPTH_VARIANTS):
         logits = torch.zeros(3, 1, 8, 8, requires_grad=True)
         _loss_fn(spec)(logits, gt).backward()
         assert torch.isfinite(logits.grad[[0, 2]]).all(), name
@@ -120,7 +120,7 @@ def test_depth_scenes_are_sparse_and_mmseg_silog_gives_nan_gradients_at_a_perfec
 
 def test_depth_pair_runs_and_the_stable_variants_never_skip_a_step(tmp_path):
     s = dataclasses.replace(_tiny(), stab_iters=4, depth_train_scenes=32, depth_val_scenes=8)
-    result = run_stability_pair("depth", s, _data(200, 40), str(tmp_path), "cpu")
+    result = STABILITY_PAIRS["depth"].run(s, _data(200, 40), str(tmp_path), "cpu", {})
     runs = {r.variant: r for r in result.runs}
     assert len(runs) == 3 and len({r.data_order for r in result.runs}) == 1
     for name, r in runs.items():
