@@ -8,5 +8,6 @@
     out = erf.run(erf.parse_args(['resnet18', '--size', '64']))
 
 :mod:`~kim_plugins.cli.common` holds what several tools share (``--trust-checkpoint``,
-``--cfg-options`` without mmengine, the train/test config head). Nothing is imported here.
+``--cfg-options`` without mmengine, the train/test config head) and
+:mod:`~kim_plugins.cli.inputs` the models and images of the diagnostic tools. Nothing is imported here.
 """

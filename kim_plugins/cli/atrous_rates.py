@@ -44,8 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from kim_plugins.cli.common import LazyDictAction, doc_parser
-from kim_plugins.cli.erf import (dataset_fixture_name, fixture_files, image_files, load_images,
-                                 load_segmentor)
+from kim_plugins.cli.inputs import (dataset_fixture_name, fixture_files, image_files, load_images,
+                                    load_segmentor)
 from kim_plugins.config.inspect import crop_size as config_crop_size
 from kim_plugins.config.inspect import segmentor_norm
 from kim_plugins.layers.atrous import (feature_size, max_nondegenerate_rate, normalize_crop_size, rate_ladder,

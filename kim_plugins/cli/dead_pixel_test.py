@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from kim_plugins.cli import erf as erf_tool
+from kim_plugins.cli import inputs
 from kim_plugins.cli.common import LazyDictAction, doc_parser
 from kim_plugins.config.inspect import crop_size, segmentor_norm
 from kim_plugins.layers.dead_pixel import even_kernel_changes, even_kernel_convert, stage_dead_pixel_reports
@@ -64,9 +64,9 @@ def fashion_mnist_images(num: int, size: Tuple[int, int], mean: Sequence[float],
 
 def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     """The backbone to test, its images and a description."""
-    size = erf_tool.parse_size(args.size)
-    if erf_tool.is_config(args.model):
-        segmentor, cfg = erf_tool.load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
+    size = inputs.parse_size(args.size)
+    if inputs.is_config(args.model):
+        segmentor, cfg = inputs.load_segmentor(args.model, args.checkpoint, args.cfg_options, args.device)
         model = segmentor.backbone
         size = size or crop_size(cfg)
         if size is None:
@@ -74,15 +74,15 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
         mean, std, scale = segmentor_norm(cfg)
         kind = "mmseg backbone"
     else:
-        model = erf_tool.load_timm(args.model, args.checkpoint, args.device)
+        model = inputs.load_timm(args.model, args.checkpoint, args.device)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         size = size or tuple(pcfg.get("input_size", (3, 224, 224))[1:])
         mean, std, scale = list(pcfg.get("mean", (0.485, 0.456, 0.406))), \
             list(pcfg.get("std", (0.229, 0.224, 0.225))), 1.0
         kind = "timm model"
     if args.images:
-        files = erf_tool.image_files(args.images)[:args.num_images]
-        images = erf_tool.load_images(files, size, mean, std, scale)
+        files = inputs.image_files(args.images)[:args.num_images]
+        images = inputs.load_images(files, size, mean, std, scale)
         source = f"folder {args.images}"
     else:
         images = fashion_mnist_images(args.num_images, size, mean, std, scale, args.fashion_mnist)

@@ -41,9 +41,9 @@ def test_erf_tool_timm_plugin_with_plain_checkpoint(name, host, tmp_path):
 
 
 def test_erf_tool_vit_size_and_model_kwargs(tmp_path):
-    from kim_plugins.cli import erf
+    from kim_plugins.cli import inputs
 
-    model = erf.load_timm("vit_tiny_patch16_gab_224", model_kwargs=dict(depth=1, gab_sigma_init=3.0), size=(96, 64))
+    model = inputs.load_timm("vit_tiny_patch16_gab_224", model_kwargs=dict(depth=1, gab_sigma_init=3.0), size=(96, 64))
     assert model.patch_embed.img_size == (96, 64) and len(model.blocks) == 1
     assert float(model.blocks[0].gab.sigma.detach()) == pytest.approx(3.0)
     out = run_tool("erf", ["vit_tiny_patch16_gab_224", "--model-kwargs", '{"img_size": 32, "depth": 1}',
