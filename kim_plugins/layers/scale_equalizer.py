@@ -204,17 +204,18 @@ class ScaleEqualizer(nn.Module):
     # -- calibration: the states calibrate_scale_equalizers moves every equalizer through --------------------
 
     def begin_probe(self) -> None:
-        """Calibration step 1: the next forward records its input and returns a fresh leaf copy of it.
+        """Calibration step 1: uncalibrated; the next forward records its input and returns a fresh leaf copy.
 
         The leaf lets :func:`calibrate_scale_equalizers` find, in the autograd
         graph, which equalizers feed which (:meth:`end_probe` hands both back).
         """
+        self.calibrated.fill_(False)
         self._calib, self._probe_in, self._probe_out = "probe", None, None
 
     def end_probe(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The (input, leaf) of the probe forward (``(None, None)`` if it was not reached); probing stops."""
         seen = (self._probe_in, self._probe_out)
-        self._probe_in = self._probe_out = None
+        self._calib, self._probe_in, self._probe_out = None, None, None
         return seen
 
     def begin_calibration(self, measure: bool = True) -> None:
@@ -466,8 +467,6 @@ def calibrate_scale_equalizers(model: nn.Module, batches: Iterable[Any], *,
             for m in model.modules():
                 if is_stochastic(m):
                     m.eval()
-            for m in targets:
-                m.calibrated.fill_(False)
             levels = _dependency_levels(model, targets, forward_fn, batches[0], names)
             with torch.no_grad():  # one pass per level; lower levels are already calibrated and normalise
                 for level in range(max(levels) + 1):
