@@ -43,14 +43,15 @@ Only torch is needed; ``timm`` is imported only when a model is given by name.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .module_modes import eval_mode
 
 __all__ = [
     "ERFResult",
@@ -106,21 +107,6 @@ class ERFResult:
         d["position"] = list(self.position)
         d["input_size"] = list(self.erf.shape)
         return d
-
-
-@contextlib.contextmanager
-def eval_mode(model: Optional[nn.Module]) -> Iterator[None]:
-    """Put ``model`` (every submodule) in eval mode and restore each mode after."""
-    if model is None:
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def feature_map_target(model: nn.Module) -> TargetFn:

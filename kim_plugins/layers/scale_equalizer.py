@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .module_modes import restored_modes
+
 __all__ = [
     "SE_MODES",
     "ScaleEqualizer",
@@ -166,7 +168,7 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
         self.register_buffer("calibrated", torch.tensor(False))
-        # Calibration state, driven by calibrate_scale_equalizers (never saved).
+        # Calibration state (never saved): begin_probe / begin_calibration / finish_calibration move it.
         self._calib: Optional[str] = None  # None | 'probe' | 'accumulate' | 'pass'
         self._acc: Tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(()), torch.zeros(()))
         self._probe_in: Optional[torch.Tensor] = None
@@ -199,7 +201,30 @@ class ScaleEqualizer(nn.Module):
         scale = torch.rsqrt(self.var.double() + self.eps)
         return scale, -self.mean.double() * scale
 
-    def _accumulate(self, x: torch.Tensor) -> None:
+    # -- calibration: the states calibrate_scale_equalizers moves every equalizer through --------------------
+
+    def begin_probe(self) -> None:
+        """Calibration step 1: uncalibrated; the next forward records its input and returns a fresh leaf copy.
+
+        The leaf lets :func:`calibrate_scale_equalizers` find, in the autograd
+        graph, which equalizers feed which (:meth:`end_probe` hands both back).
+        """
+        self.calibrated.fill_(False)
+        self._calib, self._probe_in, self._probe_out = "probe", None, None
+
+    def end_probe(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The (input, leaf) of the probe forward (``(None, None)`` if it was not reached); probing stops."""
+        seen = (self._probe_in, self._probe_out)
+        self._calib, self._probe_in, self._probe_out = None, None, None
+        return seen
+
+    def begin_calibration(self, measure: bool = True) -> None:
+        """Calibration step 2: forwards pass the input through unchanged and, if ``measure``, observe it."""
+        self._calib = "accumulate" if measure else "pass"
+        self._acc = (0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Merge the float64 (count, mean, M2) of ``x`` into the moments being measured."""
         if x.numel() == 0:
             return
         xd = x.detach().double()
@@ -210,6 +235,40 @@ class ScaleEqualizer(nn.Module):
             self._acc = (x.numel(), mean_b, m2_b)
         else:
             self._acc = merge_moments((n, mean.to(mean_b.device), m2.to(mean_b.device)), (x.numel(), mean_b, m2_b))
+
+    @property
+    def observed_moments(self) -> Tuple[float, torch.Tensor, torch.Tensor]:
+        """(count, mean, M2) observed since :meth:`begin_calibration` (this process only)."""
+        return self._acc
+
+    def finish_calibration(self, moments: Tuple[float, torch.Tensor, torch.Tensor]) -> Tuple[float, float]:
+        """Calibration step 3: store ``moments`` (count > 0) as the statistics and run as an equalizer again.
+
+        Returns:
+            The stored ``(mean, population variance)``.
+        """
+        n, mean, m2 = moments
+        stats = (float(mean), float(m2) / n)
+        self.mean.fill_(stats[0])
+        self.var.fill_(stats[1])
+        self.calibrated.fill_(True)
+        self._calib = None
+        return stats
+
+    def reset_calibration(self) -> None:
+        """Leave any calibration state (statistics untouched): run as an equalizer again."""
+        self._calib, self._probe_in, self._probe_out = None, None, None
+        self._acc = (0, torch.zeros(()), torch.zeros(()))
+
+    def _calibration_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib == "probe":
+            self._probe_in = x
+            leaf = x.detach().requires_grad_(True)
+            self._probe_out = leaf
+            return leaf.clone()
+        if self._calib == "accumulate":
+            self.observe(x)
+        return x
 
     def _batch_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``'batch'`` mode in training: (global) batch statistics in float32+, running estimates updated."""
@@ -226,14 +285,7 @@ class ScaleEqualizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None:
-            if self._calib == "probe":
-                self._probe_in = x
-                leaf = x.detach().requires_grad_(True)
-                self._probe_out = leaf
-                return leaf.clone()
-            if self._calib == "accumulate":
-                self._accumulate(x)
-            return x
+            return self._calibration_forward(x)
         if self.mode == "batch" and self.training:
             return self._batch_forward(x)
         if self.mode == "dataset" and not bool(self.calibrated):
@@ -407,85 +459,102 @@ def calibrate_scale_equalizers(model: nn.Module, batches: Iterable[Any], *,
     if not targets:
         return {}
     devices = list({b.device for b in model.buffers()} | {p.device for p in model.parameters()})
-    device = targets[0].mean.device
-    modes = [(m, m.training) for m in model.modules()]
-    snapshot = {id(b): b.detach().clone() for b in model.buffers()}
-    buffers = dict(snapshot)  # what the buffers are set to on exit: the snapshot + new statistics on success
-    params_rg = [(p, p.requires_grad) for p in model.parameters()]
-    success = False
+    statistics = [b for m in targets for b in (m.mean, m.var, m.calibrated)]
+    result: Dict[str, Tuple[float, float]] = {}
     try:
-        with forked_rng(devices):
+        with restored_modes(model), _restored_buffers(model, kept_on_success=statistics), forked_rng(devices):
             model.train()
             for m in model.modules():
                 if is_stochastic(m):
                     m.eval()
-            for m in targets:
-                m.calibrated.fill_(False)
-            # 1. Dependency levels from the autograd graph of one probe forward.
-            for m in model.modules():
-                if isinstance(m, ScaleEqualizer) and m in targets:
-                    m._calib, m._probe_in, m._probe_out = "probe", None, None
-            for p, _ in params_rg:
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                forward_fn(model, batches[0])
-            for p, rg in params_rg:
-                p.requires_grad_(rg)
-            missing = [names[m] for m in targets if m._probe_out is None]
-            if missing:
-                raise RuntimeError(f"calibrate_scale_equalizers: the forward did not reach the equalizers {missing}; "
-                                   f"check forward_fn (e.g. mode='loss' so auxiliary heads run)")
-            leaves = {id(m._probe_out): i for i, m in enumerate(targets)}
-            deps = [_depends_on(m._probe_in, leaves) - {i} for i, m in enumerate(targets)]
-            for m in targets:
-                m._probe_in = m._probe_out = None
-            level: Dict[int, int] = {}
-            while len(level) < len(targets):
-                progressed = False
-                for i, d in enumerate(deps):
-                    if i not in level and all(j in level for j in d):
-                        level[i] = 1 + max((level[j] for j in d), default=-1)
-                        progressed = True
-                if not progressed:  # a cycle cannot happen in a feed-forward graph
-                    raise RuntimeError("calibrate_scale_equalizers: cyclic equalizer dependencies")
-            # 2. One pass per level; lower levels are already calibrated and normalise.
-            result: Dict[str, Tuple[float, float]] = {}
-            with torch.no_grad():
-                for lvl in range(max(level.values()) + 1):
-                    current = [m for i, m in enumerate(targets) if level[i] == lvl]
-                    for i, m in enumerate(targets):
-                        if level[i] >= lvl:
-                            m._calib = "accumulate" if level[i] == lvl else "pass"
-                            m._acc = (0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-                    for batch in batches:
-                        forward_fn(model, batch)
-                    stats = _all_gather_merge([m._acc for m in current], device)
-                    for m, (n, mean, m2) in zip(current, stats):
-                        if n == 0:
-                            raise RuntimeError(f"calibrate_scale_equalizers: equalizer {names[m]!r} saw no elements")
-                        m._calib = None
-                        buffers[id(m.mean)] = torch.as_tensor(float(mean), dtype=m.mean.dtype, device=m.mean.device)
-                        buffers[id(m.var)] = torch.as_tensor(float(m2) / n, dtype=m.var.dtype, device=m.var.device)
-                        buffers[id(m.calibrated)] = torch.ones((), dtype=torch.bool, device=m.calibrated.device)
-                        m.mean.copy_(buffers[id(m.mean)])
-                        m.var.copy_(buffers[id(m.var)])
-                        m.calibrated.fill_(True)
-                        result[names[m]] = (float(mean), float(m2) / n)
-        success = True
+            levels = _dependency_levels(model, targets, forward_fn, batches[0], names)
+            with torch.no_grad():  # one pass per level; lower levels are already calibrated and normalise
+                for level in range(max(levels) + 1):
+                    result.update(_calibrate_level(model, targets, levels, level, forward_fn, batches, names))
         return result
     finally:
-        for p, rg in params_rg:
-            p.requires_grad_(rg)
         for m in targets:
-            m._calib, m._probe_in, m._probe_out = None, None, None
-            m._acc = (0, torch.zeros(()), torch.zeros(()))
-        restore = buffers if success else snapshot
+            m.reset_calibration()
+
+
+@contextlib.contextmanager
+def _restored_buffers(model: nn.Module, kept_on_success: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Every buffer of ``model`` back to its value on entry, except ``kept_on_success`` when the block succeeds."""
+    snapshot = [(b, b.detach().clone()) for b in model.buffers()]
+    kept: set = set()
+    try:
+        yield
+        kept = {id(b) for b in kept_on_success}
+    finally:
         with torch.no_grad():
-            for b in model.buffers():
-                if id(b) in restore:
-                    b.copy_(restore[id(b)])
-        for m, mode in modes:
-            m.training = mode
+            for b, saved in snapshot:
+                if id(b) not in kept:
+                    b.copy_(saved)
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad within the block; each flag is restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+
+
+def _dependency_levels(model: nn.Module, targets: List[ScaleEqualizer], forward_fn: Callable[[nn.Module, Any], Any],
+                       batch: Any, names: Dict[nn.Module, str]) -> List[int]:
+    """Calibration order of ``targets``, from the autograd graph of one probe forward.
+
+    Level 0: the equalizer's input depends on no other target; level k: it
+    depends on targets of levels < k, at least one of level k - 1.
+    """
+    for m in targets:
+        m.begin_probe()
+    with _frozen_parameters(model), torch.enable_grad():
+        forward_fn(model, batch)
+    probes = [m.end_probe() for m in targets]
+    missing = [names[m] for m, (_, leaf) in zip(targets, probes) if leaf is None]
+    if missing:
+        raise RuntimeError(f"calibrate_scale_equalizers: the forward did not reach the equalizers {missing}; "
+                           f"check forward_fn (e.g. mode='loss' so auxiliary heads run)")
+    leaves = {id(leaf): i for i, (_, leaf) in enumerate(probes)}
+    deps = [_depends_on(seen, leaves) - {i} for i, (seen, _) in enumerate(probes)]
+    level: Dict[int, int] = {}
+    while len(level) < len(targets):
+        progressed = False
+        for i, d in enumerate(deps):
+            if i not in level and all(j in level for j in d):
+                level[i] = 1 + max((level[j] for j in d), default=-1)
+                progressed = True
+        if not progressed:  # a cycle cannot happen in a feed-forward graph
+            raise RuntimeError("calibrate_scale_equalizers: cyclic equalizer dependencies")
+    return [level[i] for i in range(len(targets))]
+
+
+def _calibrate_level(model: nn.Module, targets: List[ScaleEqualizer], levels: List[int], level: int,
+                     forward_fn: Callable[[nn.Module, Any], Any], batches: List[Any],
+                     names: Dict[nn.Module, str]) -> Dict[str, Tuple[float, float]]:
+    """One pass over ``batches``: measure the targets of ``level`` (merged over processes), store their statistics.
+
+    Targets of higher levels pass their input through; lower levels are calibrated already.
+    """
+    for m, lvl in zip(targets, levels):
+        if lvl >= level:
+            m.begin_calibration(measure=lvl == level)
+    for batch in batches:
+        forward_fn(model, batch)
+    current = [m for m, lvl in zip(targets, levels) if lvl == level]
+    merged = _all_gather_merge([m.observed_moments for m in current], targets[0].mean.device)
+    result: Dict[str, Tuple[float, float]] = {}
+    for m, moments in zip(current, merged):
+        if moments[0] == 0:
+            raise RuntimeError(f"calibrate_scale_equalizers: equalizer {names[m]!r} saw no elements")
+        result[names[m]] = m.finish_calibration(moments)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -256,6 +256,28 @@ def _batched(x: torch.Tensor, spatial_dims: int) -> Tuple[torch.Tensor, bool]:
     return x, False
 
 
+def _stochastic_pool(input: torch.Tensor, p: float, training: bool, plain: Callable[[torch.Tensor], torch.Tensor],
+                     spatial_dims: int, key: Callable[[], tuple],
+                     make_table: Callable[[torch.Tensor], _Table]) -> torch.Tensor:
+    """The course every stochastic pool takes: ``plain`` in eval or for ``p == 1``; else sample its table.
+
+    ``key()`` describes the call for :func:`_validate`; ``make_table(x)`` builds
+    the window table of the batched input (1-D pools use a ``(1, L)`` grid).
+    """
+    if not training or p == 1.0:
+        return plain(input)
+    _validate(key(), input, plain)
+    x, unbatched = _batched(input, spatial_dims)
+    table = make_table(x)
+    if table.trivial:
+        out = plain(x)
+    elif spatial_dims == 2:
+        out = _sample(x, table)
+    else:
+        out = _sample(x.unsqueeze(-2), table).squeeze(-2)
+    return out.squeeze(0) if unbatched else out
+
+
 # --------------------------------------------------------------------------- functional
 
 
@@ -296,18 +318,14 @@ def stochastic_avg_pool2d(input: torch.Tensor, kernel_size: _Size2, stride: Opti
             x = F.pad(x, _same_pad(x.shape[-2:], kernel, stride_t))
         return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
-    if not training or p == 1.0:
-        return plain(input)
-    _validate(("avg2d", kernel, stride_t, padding, ceil_mode, count_include_pad, divisor_override, same_padding),
-              input, plain)
-    x, unbatched = _batched(input, 2)
-    hw = tuple(x.shape[-2:])
-    table = _avg_pool_table(hw, kernel, stride_t, _pair(padding), bool(ceil_mode),
-                            bool(count_include_pad), divisor_override,
-                            _same_pad(hw, kernel, stride_t) if same_padding else None, p, x.device,
-                            _opmath(x.dtype))
-    out = plain(x) if table.trivial else _sample(x, table)
-    return out.squeeze(0) if unbatched else out
+    def table(x: torch.Tensor) -> _Table:
+        hw = tuple(x.shape[-2:])
+        return _avg_pool_table(hw, kernel, stride_t, _pair(padding), bool(ceil_mode), bool(count_include_pad),
+                               divisor_override, _same_pad(hw, kernel, stride_t) if same_padding else None, p,
+                               x.device, _opmath(x.dtype))
+
+    return _stochastic_pool(input, p, training, plain, 2, lambda: (
+        "avg2d", kernel, stride_t, padding, ceil_mode, count_include_pad, divisor_override, same_padding), table)
 
 
 def stochastic_avg_pool1d(input: torch.Tensor, kernel_size: Union[int, Tuple[int]],
@@ -320,17 +338,19 @@ def stochastic_avg_pool1d(input: torch.Tensor, kernel_size: Union[int, Tuple[int
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool1d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
-    if not training or p == 1.0:
-        return plain(input)
-    one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
-    k = one(kernel_size)
-    s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else one(stride)
-    _validate(("avg1d", k, s, one(padding), ceil_mode, count_include_pad), input, plain)
-    x, unbatched = _batched(input, 1)
-    table = _avg_pool_table((1, x.shape[-1]), (1, k), (1, s), (0, one(padding)), bool(ceil_mode),
-                            bool(count_include_pad), None, None, p, x.device, _opmath(x.dtype))
-    out = plain(x) if table.trivial else _sample(x.unsqueeze(-2), table).squeeze(-2)
-    return out.squeeze(0) if unbatched else out
+    def window() -> Tuple[int, int, int]:  # kernel, stride, padding as ints
+        one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+        k = one(kernel_size)
+        s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else one(stride)
+        return k, s, one(padding)
+
+    def table(x: torch.Tensor) -> _Table:
+        k, s, pad = window()
+        return _avg_pool_table((1, x.shape[-1]), (1, k), (1, s), (0, pad), bool(ceil_mode),
+                               bool(count_include_pad), None, None, p, x.device, _opmath(x.dtype))
+
+    return _stochastic_pool(input, p, training, plain, 1, lambda: ("avg1d", *window(), ceil_mode, count_include_pad),
+                            table)
 
 
 def _adaptive_out(output_size, hw: Sequence[int]) -> Tuple[int, ...]:
@@ -355,14 +375,11 @@ def stochastic_adaptive_avg_pool2d(input: torch.Tensor, output_size: _OptSize2, 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, output_size)
 
-    if not training or p == 1.0:
-        return plain(input)
-    _validate(("adaptive2d", output_size), input, plain)
-    x, unbatched = _batched(input, 2)
-    hw = tuple(x.shape[-2:])
-    table = _adaptive_table(hw, _adaptive_out(output_size, hw), p, x.device, _opmath(x.dtype))
-    out = plain(x) if table.trivial else _sample(x, table)
-    return out.squeeze(0) if unbatched else out
+    def table(x: torch.Tensor) -> _Table:
+        hw = tuple(x.shape[-2:])
+        return _adaptive_table(hw, _adaptive_out(output_size, hw), p, x.device, _opmath(x.dtype))
+
+    return _stochastic_pool(input, p, training, plain, 2, lambda: ("adaptive2d", output_size), table)
 
 
 def stochastic_adaptive_avg_pool1d(input: torch.Tensor, output_size: Union[int, Tuple[int]],
@@ -373,14 +390,11 @@ def stochastic_adaptive_avg_pool1d(input: torch.Tensor, output_size: Union[int, 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool1d(x, output_size)
 
-    if not training or p == 1.0:
-        return plain(input)
-    _validate(("adaptive1d", output_size), input, plain)
-    x, unbatched = _batched(input, 1)
-    table = _adaptive_table((1, x.shape[-1]), (1,) + _adaptive_out(output_size, x.shape[-1:]), p, x.device,
-                            _opmath(x.dtype))
-    out = plain(x) if table.trivial else _sample(x.unsqueeze(-2), table).squeeze(-2)
-    return out.squeeze(0) if unbatched else out
+    def table(x: torch.Tensor) -> _Table:
+        return _adaptive_table((1, x.shape[-1]), (1,) + _adaptive_out(output_size, x.shape[-1:]), p, x.device,
+                               _opmath(x.dtype))
+
+    return _stochastic_pool(input, p, training, plain, 1, lambda: ("adaptive1d", output_size), table)
 
 
 # --------------------------------------------------------------------------- modules

@@ -18,12 +18,15 @@ model give the same count:
 for ``q: (..., L, E)``, ``k: (..., S, E)``, ``v: (..., S, Ev)`` — the
 ``QKᵀ`` product (L·S·E) plus ``AV`` (L·S·Ev). A causal mask is counted as the
 full product, like the matmul path. Importing this module registers the
-handler (idempotent); :func:`install_sdpa_flop_handler` does it explicitly.
+handler (idempotent); :func:`install_sdpa_flop_handler` does it explicitly
+(through :func:`kim_plugins.mmseg.compat.register_op_handle`).
 """
 from __future__ import annotations
 
 from math import prod
 from typing import Any, List
+
+from .compat import register_op_handle
 
 __all__ = ["SDPA_OP", "sdpa_flop_jit", "install_sdpa_flop_handler"]
 
@@ -46,11 +49,7 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 def install_sdpa_flop_handler() -> None:
     """Register :func:`sdpa_flop_jit` (and an output-size activation count) as mmengine defaults."""
-    from mmengine.analysis import complexity_analysis as ca
-    from mmengine.analysis.jit_handles import generic_activation_jit
-
-    ca._DEFAULT_SUPPORTED_FLOP_OPS[SDPA_OP] = sdpa_flop_jit
-    ca._DEFAULT_SUPPORTED_ACT_OPS.setdefault(SDPA_OP, generic_activation_jit())
+    register_op_handle(SDPA_OP, sdpa_flop_jit)
 
 
 install_sdpa_flop_handler()

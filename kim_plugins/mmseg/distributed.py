@@ -51,8 +51,6 @@ agree because DDP averages gradients.
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -60,12 +58,14 @@ import torch.distributed as torch_dist
 from mmengine.config import Config
 from mmengine.device import get_device
 from mmengine.dist import all_reduce_params, is_distributed
-from mmengine.hooks import Hook
+from mmengine.hooks import SyncBuffersHook
 from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import HOOKS, MODEL_WRAPPERS
 
 from kim_plugins.config.rewrite import prepare_cpu_distributed
+
+from .compat import set_launcher_environment
 
 __all__ = [
     "accelerator_absent",
@@ -90,9 +90,10 @@ def init_cpu_dist(launcher: str, backend: str = "gloo", port: Optional[int] = No
                   init_backend: str = "torch", **kwargs: Any) -> None:
     """Initialise a CPU process group from a launcher's environment, without touching CUDA.
 
-    The environment handling is mmengine's (``mmengine/dist/utils.py``):
-    ``pytorch`` reads torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_*``; ``slurm``
-    derives them from ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_NODELIST``
+    The environment handling is mmengine's (``mmengine/dist/utils.py``, as
+    :func:`kim_plugins.mmseg.compat.set_launcher_environment`): ``pytorch``
+    reads torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_*``; ``slurm`` derives
+    them from ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_NODELIST``
     (``MASTER_PORT`` from ``port``, the environment, or 29500); ``mpi`` from
     ``OMPI_COMM_WORLD_*`` (``MASTER_ADDR`` must be set).
 
@@ -116,25 +117,7 @@ def init_cpu_dist(launcher: str, backend: str = "gloo", port: Optional[int] = No
         raise ValueError(f"init_backend {init_backend!r} is not supported on CPU; use 'torch'")
     if kwargs.get("timeout") is not None and not isinstance(kwargs["timeout"], datetime.timedelta):
         kwargs["timeout"] = datetime.timedelta(seconds=kwargs["timeout"])
-    env = os.environ
-    if launcher == "slurm":
-        proc_id = int(env["SLURM_PROCID"])
-        if port is not None:
-            env["MASTER_PORT"] = str(port)
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            node_list = env["SLURM_NODELIST"]
-            env["MASTER_ADDR"] = subprocess.getoutput(f"scontrol show hostname {node_list} | head -n1")
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env["RANK"] = str(proc_id)
-    elif launcher == "mpi":
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            raise KeyError("The environment variable MASTER_ADDR is not set")
-        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
-        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
-        env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
+    set_launcher_environment(launcher, port)
     torch_dist.init_process_group(backend=backend, **kwargs)
 
 
@@ -198,21 +181,22 @@ class CPUCapableDistributedDataParallel(MMDistributedDataParallel):
 
 
 @HOOKS.register_module()
-class SyncBuffersPerIterHook(Hook):
-    """Average floating-point model buffers (BN running statistics) over ranks after every training iteration.
+class SyncBuffersPerIterHook(SyncBuffersHook):
+    """mmengine's ``SyncBuffersHook`` that also averages the floating-point buffers after every training iteration.
 
     The CPU stand-in for SyncBN's agreement of running statistics across
     ranks (see the module docstring for what it equals). Runs before the
-    checkpoint hook, so saved checkpoints hold the averaged buffers. Does
-    nothing outside a process group.
+    checkpoint hook (priority ``NORMAL``, as its base), so saved checkpoints
+    hold the averaged buffers. Does nothing outside a process group. The
+    base class's epoch-end average of every buffer is kept; its average before
+    validation is skipped after an iteration's (nothing is left to average).
     """
-
-    priority = "NORMAL"  # before CheckpointHook (VERY_LOW) in after_train_iter
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Optional[dict] = None,
                          outputs: Optional[dict] = None) -> None:
-        if not is_distributed():
+        if not is_distributed():  # asked per call: the hook may be built before the process group
             return
         buffers = [b for b in runner.model.buffers() if b.is_floating_point()]
         if buffers:
             all_reduce_params(buffers, op="mean")
+        self.called_in_train = True

@@ -45,6 +45,7 @@ from mmseg.registry import MODELS
 from kim_plugins.config.inspect import crop_size as config_crop_size
 from kim_plugins.layers.atrous import (measure_output_stride, normalize_crop_size,
                                        resolve_dilations)
+from kim_plugins.layers.module_modes import eval_mode
 
 __all__ = [
     "DilationsTypeError",
@@ -227,15 +228,9 @@ def infer_head_output_stride(extract_feat: Callable[[torch.Tensor], Sequence[tor
     Returns:
         The integer output stride.
     """
-    modes = [(m, m.training) for mod in modules for m in mod.modules()]
-    for m, _ in modes:
-        m.training = False
-    try:
+    with eval_mode(*modules):
         return measure_output_stride(lambda x: _select_head_input(extract_feat(x), head_cfg), crop_size,
                                      in_channels=in_channels)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _needs_resolution(head_cfg: Any) -> bool:

@@ -20,7 +20,8 @@ module handles the old-style ones:
   a resume from a URL. When safe loading refuses a local file, the error
   (:func:`weights_only_refusal`) names ``--trust-checkpoint`` and
   :func:`trust_local_checkpoint`.
-- No global ``torch.load`` patch.
+- No global ``torch.load`` patch (the two patched mmengine places are listed
+  in :mod:`kim_plugins.mmseg.compat`).
 
 Security note: unpickling runs arbitrary code, so **only resume from or trust
 checkpoint files you trust** — in practice the ones your own runs wrote into
@@ -39,7 +40,8 @@ from typing import Any, Callable, FrozenSet, Iterator, Optional
 import torch
 from mmengine.logging import print_log
 from mmengine.runner import Runner
-from mmengine.runner.checkpoint import CheckpointLoader
+
+from .compat import is_local_checkpoint, wrap_local_checkpoint_loader, wrap_method
 
 __all__ = ["TRUST_FLAG", "CheckpointTrustError", "trusted_resume_paths", "trust_local_checkpoint",
            "weights_only_refusal", "is_weights_only_refusal", "install_resume_fix", "checkpoint_loading"]
@@ -123,8 +125,7 @@ def trust_local_checkpoint(filename: str) -> Iterator[None]:
     safe loading. Only use it for files you trust.
     """
     trusted = _TRUSTED_RESUME_PATHS.get()
-    if isinstance(filename, str) and CheckpointLoader._get_checkpoint_loader(filename).__name__ \
-            == "load_from_local":
+    if is_local_checkpoint(filename):
         trusted = trusted | {_realpath(filename)}
     token = _TRUSTED_RESUME_PATHS.set(trusted)
     try:
@@ -134,7 +135,6 @@ def trust_local_checkpoint(filename: str) -> Iterator[None]:
 
 
 def _wrap_resume(original: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(original)
     def resume(self: Runner, filename: str, *args: Any, **kwargs: Any) -> None:
         with trust_local_checkpoint(filename):
             return original(self, filename, *args, **kwargs)
@@ -145,11 +145,8 @@ def _wrap_resume(original: Callable[..., None]) -> Callable[..., None]:
 
 def install_resume_fix() -> None:
     """Scope ``weights_only=False`` to the local file of ``Runner.resume`` (idempotent)."""
-    local = CheckpointLoader._schemes[""]
-    if not getattr(local, _MARK, False):
-        CheckpointLoader.register_scheme(prefixes="", loader=_wrap_local_loader(local), force=True)
-    if not getattr(Runner.resume, _MARK, False):
-        Runner.resume = _wrap_resume(Runner.resume)
+    wrap_local_checkpoint_loader(_wrap_local_loader, _MARK)
+    wrap_method(Runner, "resume", _wrap_resume)
 
 
 install_resume_fix()

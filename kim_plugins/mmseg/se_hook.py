@@ -15,13 +15,16 @@ import itertools
 from typing import Any, Iterator, Optional
 
 import torch
+from mmengine.dataset import InfiniteSampler
 from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from kim_plugins.layers.scale_equalizer import ScaleEqualizer, calibrate_scale_equalizers, forked_rng
+
+from .compat import infinite_sampler_indices
 
 __all__ = ["ScaleEqualizerCalibrationHook", "mmseg_calibration_forward"]
 
@@ -36,17 +39,19 @@ def mmseg_calibration_forward(model: torch.nn.Module, data: Any) -> Any:
     return model(**model.data_preprocessor(data, True), mode="loss")
 
 
-class _CalibrationSampler(Sampler):
-    """A fixed, seeded, rank-strided sample order of its own (the train sampler is never iterated)."""
+class _CalibrationSampler(InfiniteSampler):
+    """mmengine's ``InfiniteSampler`` (seeded shuffles, rank-strided) cut to ``num_samples``; restarts on each pass.
+
+    A sample order of its own, so the train sampler is never iterated. Given
+    ``rank``/``world_size`` are used instead of the process group's.
+    """
 
     def __init__(self, size: int, num_samples: int, seed: int, rank: int, world_size: int) -> None:
-        self.size, self.num_samples, self.seed, self.rank, self.world = size, num_samples, seed, rank, world_size
+        super().__init__(range(size), shuffle=True, seed=seed)
+        self.rank, self.world_size, self.num_samples = rank, world_size, num_samples
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed)
-        stream = itertools.chain.from_iterable(torch.randperm(self.size, generator=g).tolist()
-                                               for _ in itertools.count())
-        return itertools.islice(itertools.islice(stream, self.rank, None, self.world), self.num_samples)
+        return itertools.islice(infinite_sampler_indices(self), self.num_samples)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -42,7 +42,7 @@ from mmseg.models.segmentors import BaseSegmentor
 
 from kim_plugins.layers.scale_equalizer import ScaleEqualizer, fold_scale_equalizers
 
-from .method_wrapping import wrap_method
+from .compat import wrap_method
 
 __all__ = ["FOLD_KEY", "scale_equalizer_count", "fold_for_inference", "install_inference_folding"]
 

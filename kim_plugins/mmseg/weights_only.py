@@ -40,7 +40,7 @@ from mmengine.logging import HistoryBuffer, print_log
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from .method_wrapping import wrap_method
+from .compat import history_buffer_arrays, wrap_method
 
 __all__ = ["TAG", "to_weights_only", "from_weights_only", "WeightsOnlyCheckpointHook",
            "install_weights_only_checkpoints"]
@@ -93,7 +93,7 @@ def to_weights_only(obj: Any, path: str = "checkpoint", unsafe: Optional[List[st
     if isinstance(obj, _PLAIN) and not isinstance(obj, np.generic):  # np.float64 is a float subclass
         return obj
     if isinstance(obj, HistoryBuffer):
-        log, count = _numpy_to_tensor(obj._log_history), _numpy_to_tensor(obj._count_history)
+        log, count = (_numpy_to_tensor(a) for a in history_buffer_arrays(obj))
         if log is not None and count is not None:
             return {TAG: "HistoryBuffer", "log_history": log, "count_history": count,
                     "max_length": int(obj.max_length)}

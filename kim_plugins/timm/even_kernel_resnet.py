@@ -25,9 +25,9 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import _cfg as _resnet_cfg
 
 from kim_plugins.layers.dead_pixel import even_kernel_convert
 
@@ -77,16 +77,10 @@ def _create_even_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1", "classifier": "fc",
-        "notes": ("Dead Pixel Test Using Effective Receptive Field (Pattern Recognition Letters). No even-kernel "
-                  "weights are published; plain timm ResNet weights load zero-padded "
-                  "(pretrained_cfg_overlay=dict(hf_hub_id=...)).",),
-        **kwargs,
-    }
+    return _resnet_cfg(license=None, notes=(
+        "Dead Pixel Test Using Effective Receptive Field (Pattern Recognition Letters). No even-kernel "
+        "weights are published; plain timm ResNet weights load zero-padded "
+        "(pretrained_cfg_overlay=dict(hf_hub_id=...)).",), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -22,10 +22,10 @@ from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import _cfg as _resnet_cfg
 
 from kim_plugins.layers.stochastic_pool import (STOCHASTIC_POOL_TYPES, StochasticAvgPool2dSame,
                                                 check_keep_prob, convert_to_stochastic_pooling)
@@ -114,15 +114,9 @@ def _create_sap_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1", "classifier": "fc", "paper_ids": "arXiv:2409.16630",
-        "notes": ("No SAP-trained weights are published; plain timm weights of the same architecture "
-                  "load unchanged (pretrained_cfg_overlay=dict(hf_hub_id=...)).",),
-        **kwargs,
-    }
+    return _resnet_cfg(license=None, paper_ids="arXiv:2409.16630", notes=(
+        "No SAP-trained weights are published; plain timm weights of the same architecture "
+        "load unchanged (pretrained_cfg_overlay=dict(hf_hub_id=...)).",), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -331,7 +331,97 @@ def _reshape_intermediates(intermediates: List[torch.Tensor], num_prefix_tokens:
     return intermediates, prefix_tokens
 
 
-class GabVisionTransformer(VisionTransformer):
+class _GabHost:
+    """What both GAB hosts share: the shared (``'network'``) bias, the σ/a optimiser groups, the block loop.
+
+    Each host defines ``_prepare(x, attn_mask, is_causal)``: the embedded
+    tokens, the patch grid and the two further arguments every block takes,
+    ``blk(x, a, b, feat_size)`` (:class:`GabBlock`: ``attn_mask, is_causal``;
+    :class:`GabRelPosBlock`: ``shared_rel_pos, attn_mask``). The loops below are
+    written once for both and stay TorchScript- and FX-friendly (the types of
+    ``a`` and ``b`` come from each host's ``_prepare``).
+    """
+
+    def _init_shared_gab(self, gab_layer: Callable[..., GaussianAttentionBias], gab_granularity: str,
+                         num_prefix_tokens: int, kwargs: Dict[str, Any]) -> None:
+        assert self.num_prefix_tokens == num_prefix_tokens
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        shared = gab_granularity == "network"
+        self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None
+        self.gab_granularity = gab_granularity
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's set plus the full names of every σ and a parameter."""
+        return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        matcher = dict(super().group_matcher(coarse))
+        matcher["stem"] = matcher["stem"] + r"|^gab\."  # shared ('network') bias goes with the embeddings
+        return matcher
+
+    def _features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        x, feat_size, a, b = self._prepare(x, attn_mask, is_causal)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, a, b, feat_size)
+            else:
+                x = blk(x, a, b, feat_size)
+        x = self.norm(x)
+        return x
+
+    def _intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]],
+            return_prefix_tokens: bool,
+            norm: bool,
+            stop_early: bool,
+            output_fmt: str,
+            intermediates_only: bool,
+            output_dict: bool,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's ``forward_intermediates`` of the host (the contract of timm's ``VisionTransformer``)."""
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        x, feat_size, a, b = self._prepare(x, attn_mask, is_causal)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, a, b, feat_size)
+            else:
+                x = blk(x, a, b, feat_size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        intermediates, prefix_tokens = _reshape_intermediates(
+            intermediates, self.num_prefix_tokens, output_fmt == 'NCHW', feat_size)
+
+        if output_dict:
+            result_dict: Dict[str, Any] = {'image_intermediates': intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result_dict['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                result_dict['image_features'] = self.norm(x)
+            return result_dict
+
+        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+
+class GabVisionTransformer(_GabHost, VisionTransformer):
     """timm ``VisionTransformer`` with a Gaussian attention bias in every block.
 
     From "Understanding Gaussian Attention Bias of Vision Transformers Using
@@ -363,35 +453,18 @@ class GabVisionTransformer(VisionTransformer):
         shared = gab_granularity == "network"
         super().__init__(block_fn=partial(GabBlock, gab_layer=None if shared else gab_layer),
                          attn_layer=GabAttention, **kwargs)
-        assert self.num_prefix_tokens == num_prefix_tokens
-        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None
-        self.gab_granularity = gab_granularity
+        self._init_shared_gab(gab_layer, gab_granularity, num_prefix_tokens, kwargs)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """timm's set plus the full names of every σ and a parameter."""
-        return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        matcher = dict(super().group_matcher(coarse))
-        matcher["stem"] = matcher["stem"] + r"|^gab\."  # shared ('network') bias goes with the embeddings
-        return matcher
-
-    def _shared_mask(self, feat_size: Tuple[int, int], attn_mask: Optional[torch.Tensor],
-                     is_causal: bool) -> Tuple[Optional[torch.Tensor], bool]:
-        if self.gab is not None:
-            return _with_gab_bias(self.gab(feat_size), attn_mask, is_causal), False
-        return attn_mask, is_causal
-
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def _prepare(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
+                 ) -> Tuple[torch.Tensor, Tuple[int, int], Optional[torch.Tensor], bool]:
         feat_size = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        return x, feat_size
+        if self.gab is not None:
+            return x, feat_size, _with_gab_bias(self.gab(feat_size), attn_mask, is_causal), False
+        return x, feat_size, attn_mask, is_causal
 
     def forward_features(
             self,
@@ -399,15 +472,7 @@ class GabVisionTransformer(VisionTransformer):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        x, feat_size = self._embed(x)
-        attn_mask, is_causal = self._shared_mask(feat_size, attn_mask, is_causal)
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, attn_mask, is_causal, feat_size)
-            else:
-                x = blk(x, attn_mask=attn_mask, is_causal=is_causal, feat_size=feat_size)
-        x = self.norm(x)
-        return x
+        return self._features(x, attn_mask, is_causal)
 
     def forward_intermediates(
             self,
@@ -423,44 +488,11 @@ class GabVisionTransformer(VisionTransformer):
             is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Forward features that returns intermediates (same contract as timm's ``VisionTransformer``)."""
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        x, feat_size = self._embed(x)
-        attn_mask, is_causal = self._shared_mask(feat_size, attn_mask, is_causal)
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            blocks = self.blocks
-        else:
-            blocks = self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, attn_mask, is_causal, feat_size)
-            else:
-                x = blk(x, attn_mask=attn_mask, is_causal=is_causal, feat_size=feat_size)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        intermediates, prefix_tokens = _reshape_intermediates(
-            intermediates, self.num_prefix_tokens, output_fmt == 'NCHW', feat_size)
-
-        if output_dict:
-            result_dict: Dict[str, Any] = {'image_intermediates': intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result_dict['image_intermediates_prefix'] = prefix_tokens
-            if not intermediates_only:
-                result_dict['image_features'] = self.norm(x)
-            return result_dict
-
-        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        x = self.norm(x)
-        return x, intermediates
+        return self._intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                   intermediates_only, output_dict, attn_mask, is_causal)
 
 
-class GabVisionTransformerRelPos(VisionTransformerRelPos):
+class GabVisionTransformerRelPos(_GabHost, VisionTransformerRelPos):
     """timm ``VisionTransformerRelPos`` with a Gaussian attention bias added on top of the relative-position bias.
 
     The paper's own hosts (Kim et al., BMVC 2023, arXiv:2305.04722). All
@@ -478,24 +510,11 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
         gab_layer = _make_gab_layer(num_prefix_tokens, gab_granularity, gab_sigma_init, gab_amplitude_init, gab_param)
         shared = gab_granularity == "network"
         super().__init__(block_fn=partial(GabRelPosBlock, gab_layer=None if shared else gab_layer), **kwargs)
-        assert self.num_prefix_tokens == num_prefix_tokens
-        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.gab = gab_layer(num_heads=self.blocks[0].attn.num_heads, **dd) if shared else None
-        self.gab_granularity = gab_granularity
+        self._init_shared_gab(gab_layer, gab_granularity, num_prefix_tokens, kwargs)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """timm's set plus the full names of every σ and a parameter."""
-        return set(super().no_weight_decay()) | _gab_no_weight_decay(self)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        matcher = dict(super().group_matcher(coarse))
-        matcher["stem"] = matcher["stem"] + r"|^gab\."
-        return matcher
-
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int], Optional[torch.Tensor],
-                                               Optional[torch.Tensor]]:
+    def _prepare(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
+                 ) -> Tuple[torch.Tensor, Tuple[int, int], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        # the host takes no attention mask: callers pass (None, False), the shared GAB bias is the block's mask
         feat_size = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = self.patch_embed(x)
         if self.cls_token is not None:
@@ -505,14 +524,7 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
         return x, feat_size, shared_rel_pos, shared_gab
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, feat_size, shared_rel_pos, shared_gab = self._embed(x)
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, shared_rel_pos, shared_gab, feat_size)
-            else:
-                x = blk(x, shared_rel_pos=shared_rel_pos, attn_mask=shared_gab, feat_size=feat_size)
-        x = self.norm(x)
-        return x
+        return self._features(x, None, False)
 
     def forward_intermediates(
             self,
@@ -525,31 +537,8 @@ class GabVisionTransformerRelPos(VisionTransformerRelPos):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward features that returns intermediates (same contract as timm's ``VisionTransformerRelPos``)."""
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        x, feat_size, shared_rel_pos, shared_gab = self._embed(x)
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            blocks = self.blocks
-        else:
-            blocks = self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, shared_rel_pos, shared_gab, feat_size)
-            else:
-                x = blk(x, shared_rel_pos=shared_rel_pos, attn_mask=shared_gab, feat_size=feat_size)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        intermediates, prefix_tokens = _reshape_intermediates(
-            intermediates, self.num_prefix_tokens, output_fmt == 'NCHW', feat_size)
-        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        x = self.norm(x)
-        return x, intermediates
+        return self._intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                   intermediates_only, False, None, False)
 
 
 class PatchEmbedLayerNorm(KeepsStateWhenAbsent, LayerNorm):

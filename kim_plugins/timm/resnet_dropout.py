@@ -38,11 +38,11 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
-from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import BatchNormAct2d, create_conv2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetV2
+from timm.models.resnetv2 import _cfg as _resnetv2_cfg
 
 from kim_plugins.layers.dropout_placement import HEAD_PLACEMENTS, check_drop_rate
 
@@ -190,15 +190,9 @@ def _create_dropout_resnetv2(variant: str, pretrained: bool = False, **kwargs: A
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_INCEPTION_MEAN, "std": IMAGENET_INCEPTION_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc",
-        "notes": ("No dropout-trained weights are published; plain timm resnetv2 weights of the same "
-                  "architecture load unchanged (pretrained_cfg_overlay=dict(hf_hub_id=...)).",),
-        **kwargs,
-    }
+    return _resnetv2_cfg(license=None, notes=(
+        "No dropout-trained weights are published; plain timm resnetv2 weights of the same "
+        "architecture load unchanged (pretrained_cfg_overlay=dict(hf_hub_id=...)).",), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

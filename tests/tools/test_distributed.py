@@ -198,3 +198,28 @@ def test_cpu_wrapper_drops_device_ids_and_reverts_sync_bn(tmp_path):
         assert out.shape == (2, 2, 4, 4) and torch.isfinite(out).all()
     finally:
         dist.destroy_process_group()
+
+
+def test_sync_buffers_per_iter_hook_is_mmengines_sync_buffers_hook(tmp_path):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from mmengine.hooks import SyncBuffersHook
+    from mmengine.registry import HOOKS
+
+    hook = HOOKS.build(dict(type="SyncBuffersPerIterHook"))
+    assert isinstance(hook, SyncBuffersHook) and hook.priority == "NORMAL"
+    runner = SimpleNamespace(model=torch.nn.BatchNorm1d(2))
+    hook.after_train_iter(runner, 0)  # outside a process group: nothing to average
+    assert not hook.called_in_train
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        hook = HOOKS.build(dict(type="SyncBuffersPerIterHook"))  # as a runner builds it: in the process group
+        runner.model.running_mean.fill_(0.5)
+        hook.after_train_iter(runner, 0)
+        assert hook.called_in_train  # so the base class's before_val_epoch has nothing left to average
+        assert torch.equal(runner.model.running_mean, torch.full((2,), 0.5))
+        hook.before_val_epoch(runner)
+        assert not hook.called_in_train
+    finally:
+        dist.destroy_process_group()
