@@ -660,7 +660,9 @@ def _train_variant(pair: SegPair, variant: Variant, seed: int, size: int, settin
                          batch_size=settings.seg_batch, lr=settings.seg_lr, seed=seed, custom_hooks=hooks,
                          experiment_name=f"{pair.name}_{seed}_{uuid.uuid4().hex[:6]}",
                          num_train=data.num_train_scenes, num_val=data.num_val_scenes)
-    with _on_device(device):
+    from kim_plugins.mmseg.compat import runner_device
+
+    with runner_device(device):
         runner, hook = train_seg(cfg, f"[{pair.name}] {name} seed {seed}", snapshot=seed == 0)
     model = runner.model.eval()
     dev = next(model.parameters()).device
@@ -844,20 +846,3 @@ def plot_erf(prs: List[PairResult], path: str) -> None:
     fig.suptitle("ERF of the centre output pixel per rate setting (log scale)", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-class _on_device:
-    """Make mmengine's Runner place models on ``device`` (it otherwise picks CUDA whenever it exists)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __enter__(self):
-        import mmengine.device.utils as du
-
-        self._du, self._old = du, du.DEVICE
-        du.DEVICE = "cuda" if self.device.startswith("cuda") else "cpu"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._du.DEVICE = self._old
