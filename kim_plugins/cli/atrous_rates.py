@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from kim_plugins.cli.common import LazyDictAction, doc_parser
+from kim_plugins.cli.common import LazyDictAction, add_threads_and_seed, doc_parser, start_run
 from kim_plugins.cli.inputs import (dataset_fixture_name, fixture_files, image_files, load_images,
                                     load_segmentor)
 from kim_plugins.config.inspect import crop_size as config_crop_size
@@ -283,9 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "you trust, e.g. from your own work_dir); nothing else is unpickled")
     p.add_argument("--out-dir", default="work_dirs/atrous_rates", help="output folder of --search")
     p.add_argument("--name", help="output file stem (default: the config name)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the untrained weights and the synthetic images (default 0): results are reproducible")
+    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=LazyDictAction, default=None,
                    help="override config settings, key=value")
     return p
@@ -297,9 +295,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The rule's rates (no config), every ASPP head's rates (a config), or the ERF search (``--search``)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # untrained weights are drawn from the global generator
+    start_run(args)
     if args.config is None:
         if args.crop_size is None or args.output_stride is None or args.search:
             raise SystemExit("give a config, or --crop-size and --output-stride (--search needs a config)")

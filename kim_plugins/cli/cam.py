@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kim_plugins.cli.common import doc_parser
+from kim_plugins.cli.common import add_threads_and_seed, doc_parser, start_run
 from kim_plugins.layers.extended_cam import ExtendedCAM, GradCAM, deletion_insertion
 from kim_plugins.markdown import markdown_table
 
@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fashion-mnist", help="folder of the Fashion-MNIST idx files (default: the Debian package's)")
     p.add_argument("--out-dir", default="work_dirs/cam", help="output folder (default work_dirs/cam)")
     p.add_argument("--name", help="output file stem (default: the model name)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, training batches and random control")
+    add_threads_and_seed(p, "seed of the weights, training batches and random control")
     return p
 
 
@@ -110,9 +109,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from kim_plugins.robustness import brief_train, normalizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    start_run(args)
     sigma: Any = args.sigma if args.sigma == "erf" else float(args.sigma)
     kwargs = dict(checkpoint_path=args.checkpoint) if args.checkpoint else {}
     if args.output_stride:

@@ -147,3 +147,25 @@ def finish_tool_config(cfg, args):
     fresh_visualizer_name(cfg)
     setup_launch(cfg)
     return cfg
+
+
+def add_threads_and_seed(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """``--threads`` (torch intra-op threads) and ``--seed`` (default 0), as every diagnostic tool takes them."""
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """Check ``--num-images`` (where the tool has it), then apply ``--threads`` and seed torch with ``--seed``.
+
+    Raises:
+        SystemExit: ``--num-images`` below 1, with the value given.
+    """
+    import torch
+
+    if getattr(args, "num_images", 1) < 1:
+        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # untrained weights are drawn from the global generator
+

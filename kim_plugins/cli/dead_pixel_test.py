@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kim_plugins.cli import inputs
-from kim_plugins.cli.common import LazyDictAction, doc_parser
+from kim_plugins.cli.common import LazyDictAction, add_threads_and_seed, doc_parser, start_run
 from kim_plugins.config.inspect import crop_size, segmentor_norm
 from kim_plugins.layers.dead_pixel import even_kernel_changes, even_kernel_convert, stage_dead_pixel_reports
 from kim_plugins.markdown import markdown_table
@@ -153,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="work_dirs/dead_pixel", help="output folder (default work_dirs/dead_pixel)")
     p.add_argument("--name", help="output file stem (default: from the model)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of untrained and fresh weights (default 0)")
+    add_threads_and_seed(p, "seed of untrained and fresh weights (default 0)")
     p.add_argument("--cfg-options", nargs="+", action=LazyDictAction, default=None,
                    help="override mmseg config settings, key=value (as in mmseg's tools)")
     return p
@@ -166,11 +165,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The dead pixel test before and after the even-kernel conversion; writes the table, plot and numbers."""
-    if args.num_images < 1:
-        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    start_run(args)
     os.makedirs(args.out_dir, exist_ok=True)
     setup = prepare(args)
     model, images = setup["model"], setup["images"]

@@ -45,7 +45,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from kim_plugins.cli.common import LazyDictAction, doc_parser
+from kim_plugins.cli.common import LazyDictAction, add_threads_and_seed, doc_parser, start_run
 from kim_plugins.cli.inputs import (dataset_fixture_name, fixture_files, image_files, is_config, load_images,
                                     load_segmentor, load_timm, parse_size)
 from kim_plugins.config.inspect import crop_size, segmentor_norm
@@ -153,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="work_dirs/erf", help="output folder (default work_dirs/erf)")
     p.add_argument("--name", help="output file stem (default: from the model; 'compare' for the comparison)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the untrained weights and the synthetic images (default 0): results are reproducible")
+    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=LazyDictAction, default=None,
                    help="override mmseg config settings, key=value (as in mmseg's tools)")
     return p
@@ -187,11 +185,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Measure, plot and write the ERF of every model of ``args``; return the numbers and file paths."""
     from kim_plugins.layers.erf import effective_receptive_field
 
-    if args.num_images < 1:
-        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # untrained weights are drawn from the global generator
+    start_run(args)
     os.makedirs(args.out_dir, exist_ok=True)
     runs = []
     for model in args.models:
