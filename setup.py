@@ -22,6 +22,7 @@ setup(
         "console_scripts": [
             "kim-atrous-rates=kim_plugins.cli.atrous_rates:main",
             "kim-benchmark=kim_plugins.cli.benchmark:main",
+            "kim-benchmark-suite=kim_plugins.cli.benchmark_suite:main",
             "kim-cam=kim_plugins.cli.cam:main",
             "kim-check-dataset=kim_plugins.cli.check_dataset:main",
             "kim-check-vit-augmentation=kim_plugins.cli.check_vit_augmentation:main",

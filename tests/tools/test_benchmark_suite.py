@@ -1,8 +1,7 @@
-"""tools/benchmark_suite.py: a smoke run writes the report, the CSV files and every plot; its parts are right."""
+"""tools/benchmark_suite.py (kim_plugins.cli.benchmark_suite): a smoke run writes the report, the CSV files and every plot; its parts are right."""
 import csv
 import gzip
 import os
-import runpy
 
 import numpy as np
 import pytest
@@ -10,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(ROOT, "tools", "benchmark_suite.py")
 
 
 def _tool():
-    return runpy.run_path(TOOL, run_name="benchmark_suite")
+    from kim_plugins.cli import benchmark_suite
+
+    return vars(benchmark_suite)
 
 
 def _write_idx(path, array):
