@@ -8,6 +8,8 @@ Importing it also registers the timm models (``import kim_plugins``), so
 ``TIMMBackbone(model_name='vit_small_patch16_gab_224', ...)`` works, and scopes
 mmengine's torch>=2.6 checkpoint-resume fix (see :mod:`kim_plugins.mmseg.resume`), and makes
 every runner write checkpoints that load safely (:mod:`kim_plugins.mmseg.weights_only`).
+Every mmengine/mmseg internal these rely on is reached through one module,
+:mod:`kim_plugins.mmseg.compat`, which lists each with the versions it was checked against.
 """
 import kim_plugins  # noqa: F401  timm registrations
 

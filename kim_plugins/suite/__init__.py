@@ -1,6 +1,6 @@
 """The benchmark suite: every plugin against its baseline on real Fashion-MNIST data, in minutes on a CPU.
 
-``python tools/benchmark_suite.py`` (the thin CLI over :func:`run_suite`) trains
+``python tools/benchmark_suite.py`` (:mod:`kim_plugins.cli.benchmark_suite`, over :func:`run_suite`) trains
 each plugin beside its baseline with the same seed, schedule and data order,
 measures the mechanism each plugin claims and writes
 ``results/<timestamp>/report.md`` with CSV files and PNG plots:
@@ -14,7 +14,10 @@ measures the mechanism each plugin claims and writes
   (:mod:`kim_plugins.suite.cls`), with PLN's contrast-robustness curve;
 - ``swin``: a patch-2 Swin vs its GAB version on Fashion-MNIST, with the learnt
   σ and a of every block;
-- ``sap``: ResNet-18-D vs its SAP version, with SAP's train/eval consistency.
+- ``sap``: ResNet-18-D vs its SAP version, with SAP's train/eval consistency;
+- ``dropout``, ``gamma``, ``infonce``, ``depth`` (:mod:`kim_plugins.suite.stability`,
+  :mod:`kim_plugins.suite.depth_pair`) and ``deadpixel``, ``vitaug``
+  (:mod:`kim_plugins.suite.diagnostics`): the training-stability and diagnostic plugins.
 
 Each pair is one :class:`~kim_plugins.suite.pairs.Pair` object in one registry
 (:func:`~kim_plugins.suite.pairs.all_pairs`). Sizes:
