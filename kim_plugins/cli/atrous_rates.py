@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -330,7 +329,3 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import os.path as osp
-import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -298,7 +297,3 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def main(argv: Optional[List[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1 if result["failed"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

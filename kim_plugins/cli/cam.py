@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -171,7 +170,3 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

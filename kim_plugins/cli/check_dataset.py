@@ -30,7 +30,6 @@ import argparse
 import bisect
 import os
 import os.path as osp
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -342,7 +341,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     failed = errors > 0 or (args.strict and warnings > 0)
     print(f"{'FAILED' if failed else 'OK'}: {errors} error(s), {warnings} warning(s)")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,6 @@ import ast
 import json
 import math
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -202,7 +201,3 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

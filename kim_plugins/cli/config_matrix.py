@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os.path as osp
-import sys
 from typing import Dict, List, Optional, Tuple
 
 from kim_plugins.cli.common import REPO_ROOT
@@ -192,7 +191,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(text)
     print(f"wrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -207,7 +206,3 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if run(parse_args(argv)) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

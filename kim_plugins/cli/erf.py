@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -226,7 +225,3 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if run(parse_args(argv)) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 from typing import Dict, List
 
 from kim_plugins.cli.common import REPO_ROOT as ROOT
@@ -81,7 +80,3 @@ def main(argv=None) -> int:
     for c in configs:
         print(f"- `{c}`")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

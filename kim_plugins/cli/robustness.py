@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -154,7 +153,3 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[float, float]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -370,7 +370,3 @@ def run(args: argparse.Namespace) -> List[Row]:
 def main(argv: Optional[List[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os.path as osp
-import sys
 from typing import List, Optional
 
 from mmengine.config import Config
@@ -110,7 +109,3 @@ def run(args: argparse.Namespace):
 def main(argv: Optional[List[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

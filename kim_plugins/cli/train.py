@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import List, Optional
 
 from mmengine.config import Config
@@ -87,7 +86,3 @@ def run(args: argparse.Namespace):
 def main(argv: Optional[List[str]] = None) -> int:
     run(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
