@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
@@ -137,7 +138,7 @@ def compare_timings(candidates: Mapping[str, Callable[[], Any]], baseline: str, 
     bar = None
     if progress:
         from mmengine.utils import ProgressBar
-        bar = ProgressBar(rounds + warmup)
+        bar = ProgressBar(rounds + warmup, file=sys.stdout)
     with pinned_threads(num_threads):
         for r in range(warmup + rounds):
             rng.shuffle(order)

@@ -18,6 +18,7 @@ pair (:mod:`kim_plugins.suite.cls`).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -136,7 +137,7 @@ def evaluate(model: torch.nn.Module, batches: Callable, factors: Sequence[float]
     bar = None
     if progress and total:
         from mmengine.utils import ProgressBar
-        bar = ProgressBar(total)
+        bar = ProgressBar(total, file=sys.stdout)
     for x, y in batches():
         x, y = x.to(device), y.to(device)
         for c in factors:
@@ -163,7 +164,7 @@ def brief_train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    bar = ProgressBar(steps)
+    bar = ProgressBar(steps, file=sys.stdout)
     for _ in range(steps):
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = F.interpolate(images[idx].float().div_(255.0).unsqueeze(1), size=size, mode="bilinear",

@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -172,7 +173,7 @@ def sweep_r_max(model: torch.nn.Module, images: torch.Tensor, candidates: Sequen
     bar = None
     if progress:
         from mmengine.utils import ProgressBar
-        bar = ProgressBar(len(candidates))
+        bar = ProgressBar(len(candidates), file=sys.stdout)
     try:
         for r in candidates:
             rates = set_aspp_dilations(head, rate_ladder(r, num_rates))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import sys
 import os.path as osp
 from collections import Counter
 from dataclasses import dataclass
@@ -266,7 +267,7 @@ def check_dataset(info: DatasetInfo, max_label_files: Optional[int] = None,
     bar = None
     if progress and to_read:
         from mmengine.utils import ProgressBar
-        bar = ProgressBar(len(to_read))
+        bar = ProgressBar(len(to_read), file=sys.stdout)
     for rel, lab in to_read:
         path = osp.join(info.ann_dir, lab)
         if bar is not None:
