@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "you trust, e.g. from your own work_dir); nothing else is unpickled")
     p.add_argument("--out-dir", default="work_dirs/atrous_rates", help="output folder of --search")
     p.add_argument("--name", help="output file stem (default: the config name)")
-    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): results are reproducible")
+    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): "
+                            "results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=LazyDictAction, default=None,
                    help="override config settings, key=value")
     return p

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-
 from typing import List, Optional
 
 __all__ = ["REPO_ROOT", "LazyDictAction", "doc_parser", "add_trust_argument", "add_run_arguments", "parse_run_args",
-           "fresh_visualizer_name", "load_tool_config", "finish_tool_config"]
+           "fresh_visualizer_name", "load_tool_config", "finish_tool_config", "add_threads_and_seed", "start_run"]
 
 
 #: The source checkout the package is installed from (``pip install -e``, as ``tools/setup.sh`` does):

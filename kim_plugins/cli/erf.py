@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="work_dirs/erf", help="output folder (default work_dirs/erf)")
     p.add_argument("--name", help="output file stem (default: from the model; 'compare' for the comparison)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): results are reproducible")
+    add_threads_and_seed(p, "seed of the untrained weights and the synthetic images (default 0): "
+                            "results are reproducible")
     p.add_argument("--cfg-options", nargs="+", action=LazyDictAction, default=None,
                    help="override mmseg config settings, key=value (as in mmseg's tools)")
     return p

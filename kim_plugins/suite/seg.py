@@ -722,8 +722,8 @@ def se_section(prs: List[PairResult]) -> List[str]:
             rows.append(dict(fusion=b["fusion"], op=t["operand"], vb0=f"{b['var_start']:.3g}",
                              vb1=f"{b['var_end']:.3g}", vs0=with_without(t, "start"), vs1=with_without(t, "end")))
         lines.append(markdown_table(rows, ["fusion", "op", "vb0", "vb1", "vs0", "vs1"],
-                            ["fusion", "operand (in the SE head)", f"{base}: Var start", "end", f"{se}: Var start",
-                             "end"]))
+                                    ["fusion", "operand (in the SE head)", f"{base}: Var start", "end",
+                                     f"{se}: Var start", "end"]))
         lines.append("")
         fusions = list(dict.fromkeys(r["fusion"] for r in bt))
         alt = var[se].get("upsampled_only_start")
